@@ -1,0 +1,355 @@
+"""Two-view augmentation of the SIM recipe (spec/SIM.md §1.1) on PIL images, without torchvision.
+
+Per view, in this order: RandomResizedCrop (torchvision's sampler) → crop+resize (Pillow, bicubic)
+→ horizontal flip → ColorJitter with probability `jitter_p` (torchvision semantics, random order
+of the four factors) → grayscale with probability `grayscale_p` → Gaussian blur with probability
+`blur_p`, σ ~ U(blur_sigma) → solarize with probability `solarize_p` → float CHW in [0, 1] →
+normalise (ImageNet mean/std). Every step is switched off by setting its probability to 0.
+
+Geometry convention (DESIGN.md): a view is `resize(crop(image, box))`, mirrored left-right
+afterwards if its flip flag is set; `box = (y, x, h, w)` is in pixels of the original, unflipped
+image. Output pixel (r, c) of an S×S view samples source row `y + (r+½)·h/S − ½` and column
+`x + (c'+½)·w/S − ½`, c' = S−1−c when flipped. Pillow's `resize(..., box=(x, y, x+w, y+h))` is
+exactly this mapping. The SIM reference flips before cropping; because the crop sampler is
+mirror-symmetric, sampling the box on the unflipped image and flipping the result is the same
+distribution.
+
+All randomness comes from the `random.Random` passed in, so a view is a pure function of
+(image, augmentation config, rng state). Parameters are drawn first (`sample_params`, cheap, no
+pixels) and applied afterwards (`apply`); for two views both geometries are drawn before any colour
+parameter, so switching colour off leaves the crops and flips of a seed unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+Box = tuple[int, int, int, int]  # (y, x, h, w), pixels of the original unflipped image
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
+                            ratio: tuple[float, float], rng: random.Random) -> Box:
+    """torchvision's RandomResizedCrop.get_params, drawing from `rng`; returns (y, x, h, w).
+
+    Up to 10 tries of area fraction s ~ U(scale), aspect a = exp(U(log ratio)),
+    w = round(sqrt(s·H·W·a)), h = round(sqrt(s·H·W/a)), accepted when 0 < w ≤ W and 0 < h ≤ H,
+    then y ~ U{0..H−h}, x ~ U{0..W−w}. Otherwise a centre crop of the whole image clamped to the
+    ratio range.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y = rng.randint(0, height - h)
+            x = rng.randint(0, width - w)
+            return y, x, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_resize(image: Image.Image, box: Box, size: int,
+                interpolation: str = "bicubic") -> Image.Image:
+    """`resize(crop(image, box))` to size×size; box = (y, x, h, w) (the convention above)."""
+    y, x, h, w = box
+    return image.resize((size, size), resample=INTERPOLATIONS[interpolation],
+                        box=(x, y, x + w, y + h))
+
+
+# ----------------------------------------------------------------------------- colour
+
+class JitterParams(NamedTuple):
+    """ColorJitter draw: `order` of ops (0 brightness, 1 contrast, 2 saturation, 3 hue) and the
+    factors (None where that op is off)."""
+    order: tuple[int, ...]
+    brightness: float | None
+    contrast: float | None
+    saturation: float | None
+    hue: float | None
+
+
+def _factor_range(strength: float) -> tuple[float, float] | None:
+    return None if strength == 0 else (max(0.0, 1.0 - strength), 1.0 + strength)
+
+
+def sample_jitter(brightness: float, contrast: float, saturation: float, hue: float,
+                  rng: random.Random) -> JitterParams:
+    """torchvision ColorJitter.get_params: random order, then each factor uniformly in
+    [max(0, 1−s), 1+s] (hue in [−hue, hue])."""
+    order = list(range(4))
+    rng.shuffle(order)
+    factors = []
+    for rng_range in (_factor_range(brightness), _factor_range(contrast),
+                      _factor_range(saturation), None if hue == 0 else (-hue, hue)):
+        factors.append(None if rng_range is None else rng.uniform(*rng_range))
+    return JitterParams(tuple(order), *factors)
+
+
+def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
+    """torchvision's PIL adjust_hue: shift the HSV hue channel by int(hue_factor·255), wrapping."""
+    if image.mode in ("L", "1", "I", "F"):
+        return image
+    h, s, v = image.convert("HSV").split()
+    shifted = (np.asarray(h, dtype=np.int16) + int(hue_factor * 255)) % 256
+    h = Image.fromarray(shifted.astype(np.uint8))
+    return Image.merge("HSV", (h, s, v)).convert(image.mode)
+
+
+def color_jitter(image: Image.Image, params: JitterParams) -> Image.Image:
+    """Apply a ColorJitter draw (PIL ImageEnhance, as torchvision does for PIL images)."""
+    for op in params.order:
+        if op == 0 and params.brightness is not None:
+            image = ImageEnhance.Brightness(image).enhance(params.brightness)
+        elif op == 1 and params.contrast is not None:
+            image = ImageEnhance.Contrast(image).enhance(params.contrast)
+        elif op == 2 and params.saturation is not None:
+            image = ImageEnhance.Color(image).enhance(params.saturation)
+        elif op == 3 and params.hue is not None:
+            image = adjust_hue(image, params.hue)
+    return image
+
+
+def to_grayscale_rgb(image: Image.Image) -> Image.Image:
+    """torchvision rgb_to_grayscale(num_output_channels=3): PIL "L" repeated on 3 channels."""
+    return image.convert("L").convert("RGB")
+
+
+def to_tensor(image: Image.Image, mean: tuple[float, ...] | None = None,
+              std: tuple[float, ...] | None = None) -> torch.Tensor:
+    """RGB PIL → float32 (3, H, W) in [0, 1], then (x − mean)/std when mean and std are given."""
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+    tensor = tensor.permute(2, 0, 1).float().div_(255.0)
+    if mean is not None:
+        tensor.sub_(torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        tensor.div_(torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+    return tensor
+
+
+# ----------------------------------------------------------------------------- one view
+
+class ViewParams(NamedTuple):
+    """Everything random about one view: geometry, then the colour draws (None/False = off)."""
+    box: Box
+    flip: bool
+    jitter: JitterParams | None
+    grayscale: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    """The augmentation of one view. Defaults: SIM view 1 (spec/SIM.md §1.1)."""
+    size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: int = 128
+    normalize: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        for name in ("scale", "ratio", "blur_sigma", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if int(self.size) != self.size or self.size < 1:
+            raise ValueError(f"view size must be a positive integer, got {self.size}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max, got {self.scale}")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}: use one of "
+                             f"{', '.join(INTERPOLATIONS)}")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got "
+                                 f"{getattr(self, name)}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi:
+            raise ValueError(f"blur sigma range must satisfy 0 < min <= max, got "
+                             f"{self.blur_sigma}")
+        if not 0 <= self.solarize_threshold <= 256:
+            raise ValueError(f"solarize threshold must be in [0, 256], got "
+                             f"{self.solarize_threshold}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 values each, std > 0")
+
+    @property
+    def has_colour(self) -> bool:
+        return any(p > 0 for p in (self.jitter_p, self.grayscale_p, self.blur_p, self.solarize_p))
+
+    def geometry_only(self) -> "ViewAugment":
+        """The same crop and flip, with jitter, grayscale, blur and solarize all off."""
+        return dataclasses.replace(self, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+                                   solarize_p=0.0)
+
+    def sample_geometry(self, height: int, width: int, rng: random.Random) -> tuple[Box, bool]:
+        flip = rng.random() < self.flip_p
+        box = random_resized_crop_box(height, width, self.scale, self.ratio, rng)
+        return box, flip
+
+    def sample_colour(self, rng: random.Random):
+        """(jitter, grayscale, blur_sigma, solarize); a step with probability 0 draws nothing."""
+        jitter = None
+        if self.jitter_p > 0 and rng.random() < self.jitter_p:
+            jitter = sample_jitter(self.brightness, self.contrast, self.saturation, self.hue, rng)
+        grayscale = self.grayscale_p > 0 and rng.random() < self.grayscale_p
+        blur_sigma = None
+        if self.blur_p > 0 and rng.random() < self.blur_p:
+            blur_sigma = rng.uniform(*self.blur_sigma)
+        solarize = self.solarize_p > 0 and rng.random() < self.solarize_p
+        return jitter, grayscale, blur_sigma, solarize
+
+    def sample_params(self, height: int, width: int, rng: random.Random) -> ViewParams:
+        box, flip = self.sample_geometry(height, width, rng)
+        return ViewParams(box, flip, *self.sample_colour(rng))
+
+    def apply_pil(self, image: Image.Image, params: ViewParams) -> Image.Image:
+        """The augmented view as an RGB PIL image (before tensor conversion and normalisation)."""
+        view = crop_resize(image, params.box, self.size, self.interpolation)
+        if params.flip:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if params.jitter is not None:
+            view = color_jitter(view, params.jitter)
+        if params.grayscale:
+            view = to_grayscale_rgb(view)
+        if params.blur_sigma is not None:
+            view = view.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
+        if params.solarize:
+            view = ImageOps.solarize(view, threshold=self.solarize_threshold)
+        return view
+
+    def apply(self, image: Image.Image, params: ViewParams) -> torch.Tensor:
+        """The augmented view as float32 (3, size, size), normalised if `normalize`."""
+        view = self.apply_pil(image, params)
+        if self.normalize:
+            return to_tensor(view, self.mean, self.std)
+        return to_tensor(view)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, ViewParams]:
+        params = self.sample_params(image.height, image.width, rng)
+        return self.apply(image, params), params
+
+
+# ----------------------------------------------------------------------------- two views
+
+class TwoViews(NamedTuple):
+    view1: torch.Tensor   # float32 (3, S, S)
+    view2: torch.Tensor   # float32 (3, S, S)
+    boxes: torch.Tensor   # float32 (2, 4): (y, x, h, w) per view, original-image pixels
+    flips: torch.Tensor   # bool (2,)
+    params: tuple[ViewParams, ViewParams]
+
+
+def _sim_view2() -> ViewAugment:
+    return ViewAugment(blur_p=0.1, solarize_p=0.2)
+
+
+@dataclass(frozen=True)
+class TwoViewAugment:
+    """SIM's asymmetric pair: view 1 (masked, online) always blurred, never solarized; view 2
+    (target) blurred with p=0.1 and solarized with p=0.2. Both views must have the same size."""
+    view1: ViewAugment = dataclasses.field(default_factory=ViewAugment)
+    view2: ViewAugment = dataclasses.field(default_factory=_sim_view2)
+
+    def __post_init__(self):
+        if self.view1.size != self.view2.size:
+            raise ValueError(f"both views must have the same size, got {self.view1.size} and "
+                             f"{self.view2.size}")
+
+    @classmethod
+    def sim(cls, size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = "bicubic",
+            colour: bool = True, blur: bool = True, normalize: bool = True) -> "TwoViewAugment":
+        """The recipe at another size/crop range; `colour=False` turns every colour step off,
+        `blur=False` only the blur (as usual for CIFAR-sized images)."""
+        common = dict(size=size, scale=scale, ratio=ratio, interpolation=interpolation,
+                      normalize=normalize)
+        pair = cls(ViewAugment(**common), ViewAugment(blur_p=0.1, solarize_p=0.2, **common))
+        if not blur:
+            pair = cls(dataclasses.replace(pair.view1, blur_p=0.0),
+                       dataclasses.replace(pair.view2, blur_p=0.0))
+        return pair if colour else pair.geometry_only()
+
+    @property
+    def size(self) -> int:
+        return self.view1.size
+
+    def geometry_only(self) -> "TwoViewAugment":
+        """Crops and flips only: the same geometry for a given rng state as with colour on."""
+        return TwoViewAugment(self.view1.geometry_only(), self.view2.geometry_only())
+
+    def sample_params(self, height: int, width: int,
+                      rng: random.Random) -> tuple[ViewParams, ViewParams]:
+        """Both geometries first (flip, box of view 1, then of view 2), then both colour draws."""
+        geo1 = self.view1.sample_geometry(height, width, rng)
+        geo2 = self.view2.sample_geometry(height, width, rng)
+        col1 = self.view1.sample_colour(rng)
+        col2 = self.view2.sample_colour(rng)
+        return ViewParams(*geo1, *col1), ViewParams(*geo2, *col2)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> TwoViews:
+        p1, p2 = self.sample_params(image.height, image.width, rng)
+        return TwoViews(
+            self.view1.apply(image, p1), self.view2.apply(image, p2),
+            torch.tensor([p1.box, p2.box], dtype=torch.float32),
+            torch.tensor([p1.flip, p2.flip], dtype=torch.bool),
+            (p1, p2))
+
+
+def recipe_augment(size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3), blur: bool = True,
+                   colour: bool = True, interpolation: str = "bicubic") -> TwoViewAugment:
+    """The SIM two-view recipe at `size` (what the engine builds from its config)."""
+    return TwoViewAugment.sim(size=size, scale=scale, ratio=ratio, interpolation=interpolation,
+                              colour=colour, blur=blur)
