@@ -1,0 +1,118 @@
+"""Shared pytest-benchmark setup for bench/ (kept generic: every benchmark module can use it).
+
+* The environment (device name, torch / triton / CUDA versions, git commit, date, ...) goes into the
+  JSON's ``machine_info["densesim"]`` (``pytest_benchmark_update_machine_info``) and, for every test
+  that uses the ``benchmark`` fixture, into ``benchmark.extra_info["env"]``.
+* Fixtures: ``bench_device`` (cuda if available, else cpu), ``sync`` (a callable to call at the end
+  of the timed function: ``torch.cuda.synchronize`` on CUDA, a no-op on CPU), and ``record_rate``
+  (stores ``items / mean seconds`` under a key of ``benchmark.extra_info``).
+
+Run ``pytest bench/ --benchmark-only`` for timings; ``pytest bench/ --benchmark-disable`` runs each
+benchmark body once as a plain test.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+import pytest
+import torch
+
+
+def _version(dist: str):
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def env_info() -> dict:
+    cuda = torch.cuda.is_available()
+    info = {
+        "device_type": "cuda" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if cuda else _cpu_name(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if info["git_commit"] is not None:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        info["git_dirty"] = bool(status) if status is not None else None
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["device_capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["densesim"] = env_info()
+
+
+@pytest.fixture(autouse=True)
+def _benchmark_env(request):
+    """Attach the environment to every benchmark's extra_info (no-op for tests without one)."""
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info["env"] = env_info()
+    yield
+
+
+@pytest.fixture(scope="session")
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def sync(bench_device):
+    """Call at the end of a timed function so that CUDA work is inside the measurement."""
+    if bench_device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+@pytest.fixture
+def record_rate(benchmark):
+    """``record_rate(items, key)``: store items / mean seconds per call in extra_info[key].
+
+    With ``--benchmark-disable`` there are no timings and the key is set to None.
+    """
+
+    def record(items: float, key: str):
+        stats = getattr(benchmark, "stats", None)
+        mean = stats.stats.mean if stats is not None else None
+        benchmark.extra_info[key] = items / mean if mean else None
+        return benchmark.extra_info[key]
+
+    return record
