@@ -1,0 +1,51 @@
+"""Hot-path ops for dense self-supervised pre-training, one op per file.
+
+Each `kernels/<op>.py` stands alone (imports only torch, and triton where available), so a single
+file can be copied into another codebase. Every public op takes `backend="auto" | "reference" |
+"triton"`; until the Triton kernels land, "auto" runs the PyTorch reference and "triton" raises.
+"""
+from .dense_match import (
+    dense_match,
+    dense_match_reference,
+    geometric_correspondence,
+    grid_sample_coordinates,
+    pixpro_normalised_boxes,
+    pixpro_positive_mask,
+)
+from .patch_gather import (
+    patch_gather,
+    patch_gather_reference,
+    token_gather,
+    token_gather_reference,
+)
+from .relpos_embed import (
+    absolute_sincos_table,
+    relpos_coordinates,
+    relpos_embed,
+    relpos_embed_reference,
+)
+from .unigrad_loss import (
+    unigrad_covariance,
+    unigrad_loss,
+    unigrad_loss_reference,
+)
+
+__all__ = [
+    "absolute_sincos_table",
+    "dense_match",
+    "dense_match_reference",
+    "geometric_correspondence",
+    "grid_sample_coordinates",
+    "patch_gather",
+    "patch_gather_reference",
+    "pixpro_normalised_boxes",
+    "pixpro_positive_mask",
+    "relpos_coordinates",
+    "relpos_embed",
+    "relpos_embed_reference",
+    "token_gather",
+    "token_gather_reference",
+    "unigrad_covariance",
+    "unigrad_loss",
+    "unigrad_loss_reference",
+]
