@@ -292,7 +292,9 @@ class _GraphedBlockMask:
                 _block_core(self.u, self.scores, params, early_exit=False)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a DataLoader's pin-memory thread keeps making CUDA calls while we capture;
+        # in the default ("global") mode those invalidate the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.mask, self.topup = _block_core(self.u, self.scores, params, early_exit=False)
 
 

@@ -1,0 +1,73 @@
+"""Which kernel backend a run uses: `--fused` asks for the Triton kernels where the machine can run them.
+
+The answer is found by asking each op for `backend="triton"` on a tiny input (an op that cannot
+run raises a clear error instead of falling back), so this file never goes stale when kernels land.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+
+FUSED_OPS = ("patch_gather", "relpos_embed", "unigrad_loss")
+
+
+@dataclass
+class KernelChoice:
+    backend: dict[str, str] = field(default_factory=lambda: {op: "reference" for op in FUSED_OPS})
+    message: str = ""
+
+    def __getitem__(self, op: str) -> str:
+        return self.backend.get(op, "reference")
+
+    @property
+    def any_fused(self) -> bool:
+        return any(b == "triton" for b in self.backend.values())
+
+
+def _probe(op: str, device: torch.device) -> None:
+    """Run `op` once with backend='triton' on a tiny input; raises whatever stops it."""
+    if op == "patch_gather":
+        images = torch.randn(1, 3, 8, 8, device=device)
+        kernels.patch_gather(images, torch.zeros(1, 2, dtype=torch.long, device=device), 4,
+                             backend="triton")
+    elif op == "relpos_embed":
+        rel = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]], device=device)
+        kernels.relpos_embed(rel, 2, 8, backend="triton")
+    elif op == "unigrad_loss":
+        pred = torch.randn(4, 8, device=device)
+        kernels.unigrad_loss(pred, torch.randn(4, 8, device=device), backend="triton")
+    else:
+        raise KeyError(op)
+
+
+def choose_kernels(fused: bool, device: torch.device) -> KernelChoice:
+    if not fused:
+        return KernelChoice(message="kernels: PyTorch reference path (--no-fused)")
+    if device.type != "cuda":
+        return KernelChoice(message=f"--fused: the Triton kernels need a CUDA device and this run "
+                                    f"is on {device.type}; running the PyTorch reference path")
+    choice, reasons = KernelChoice(), {}
+    for op in FUSED_OPS:
+        try:
+            _probe(op, device)
+            choice.backend[op] = "triton"
+        except Exception as exc:  # grouped by reason into the one line below
+            reason = _short_reason(op, exc)
+            reasons.setdefault(reason, []).append(op)
+    used = [op for op in FUSED_OPS if choice.backend[op] == "triton"]
+    if not reasons:
+        choice.message = f"--fused: Triton kernels for {', '.join(used)}"
+    else:
+        fallbacks = "; ".join(f"{', '.join(ops)}: {reason}" for reason, ops in reasons.items())
+        choice.message = (f"--fused: Triton for {', '.join(used) or 'no op'}; PyTorch reference "
+                          f"path for {fallbacks}")
+    return choice
+
+
+def _short_reason(op: str, exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = text.removeprefix(f"{op}: ")
+    return text.split(" (backend=")[0].split("; use ")[0]

@@ -1,0 +1,151 @@
+"""Run configurations: one dataclass holding every knob, and the named presets.
+
+`sim-vit-b16` is the released SIM recipe (spec/SIM.md §0.1, §7); the others scale it down.
+The effective batch is `batch_size × accum` (per optimiser step); the learning rate follows the
+recipe's linear scaling rule lr = blr × effective_batch / 256.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass
+class PretrainConfig:
+    # model
+    img_size: int = 224
+    patch_size: int = 16
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_dim: int = 768
+    decoder_heads: int = 16
+    projector_depth: int = 2
+    predictor_depth: int = 4
+    # masking (view 1)
+    mask_kind: str = "block"          # "block" (BEiT-style, the recipe) or "random" (MAE-style)
+    mask_ratio: float = 118 / 196      # scaled to the grid: exactly round(ratio·G²) masked
+    # loss
+    neg_weight: float = 0.02
+    loss_form: str = "dense"          # "dense" (released code) or "paper" (global + dense, §12)
+    global_weight: float = 1.0
+    dense_weight: float = 1.0
+    # optimisation
+    batch_size: int = 128             # micro-batch per forward
+    accum: int = 1                    # micro-batches per optimiser step
+    epochs: float = 1600
+    steps: int | None = None          # overrides epochs when set
+    blr: float = 6.25e-5
+    min_lr: float = 0.0
+    warmup_epochs: float = 40
+    warmup_steps: int | None = None   # overrides warmup_epochs when set
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 1.0
+    momentum: float = 0.995           # EMA start; cosine to 1.0
+    optimizer: str = "adamw"          # "adamw" (torch fused) or "lamb" (needs NVIDIA apex)
+    precision: str = "auto"           # auto: bf16 on CUDA, fp32 on CPU; or bf16 / fp16 / fp32
+    # augmentation (both views; colour settings follow the recipe per view)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    blur: bool = True
+    # bookkeeping
+    seed: int = 0
+    workers: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 500
+    preset: str = "custom"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_masked(self) -> int:
+        return int(round(self.mask_ratio * self.grid ** 2))
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.accum
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.effective_batch / 256
+
+    def validate(self) -> "PretrainConfig":
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"image size {self.img_size} is not a multiple of the patch size "
+                              f"{self.patch_size}")
+        if self.dim % 4 or self.decoder_dim % 4:
+            raise ConfigError("encoder and decoder widths must be multiples of 4 (sin-cos tables)")
+        if not 0 < self.num_masked < self.grid ** 2:
+            raise ConfigError(f"mask ratio {self.mask_ratio} leaves no visible or no masked patch "
+                              f"on a {self.grid}x{self.grid} grid")
+        if self.batch_size < 1 or self.accum < 1:
+            raise ConfigError("--batch-size and --accum must be at least 1")
+        if self.batch_size < 2:
+            raise ConfigError("--batch-size must be at least 2: the projector's BatchNorm needs "
+                              "more than one image")
+        if self.mask_kind not in ("block", "random"):
+            raise ConfigError(f"unknown mask kind {self.mask_kind!r}: use block or random")
+        if self.loss_form not in ("dense", "paper"):
+            raise ConfigError(f"unknown loss form {self.loss_form!r}: use dense or paper")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"unknown precision {self.precision!r}: use auto, bf16, fp16 or fp32")
+        if self.optimizer not in ("adamw", "lamb"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}: use adamw or lamb")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError("--steps must be at least 1")
+        if self.steps is None and self.epochs <= 0:
+            raise ConfigError("--epochs must be positive")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in values.items() if k in known})
+        cfg.betas, cfg.crop_scale, cfg.crop_ratio = (tuple(cfg.betas), tuple(cfg.crop_scale),
+                                                    tuple(cfg.crop_ratio))
+        return cfg
+
+
+PRESETS: dict[str, dict] = {
+    # The released ViT-B/16 recipe: batch 4096 = 128 × 32 accumulated on one GPU (the original ran
+    # 128 per GPU on 32 GPUs; F covers the whole 4096, BatchNorm statistics only each 128).
+    "sim-vit-b16": dict(img_size=224, patch_size=16, dim=768, depth=12, heads=12,
+                        decoder_dim=768, decoder_heads=16, batch_size=128, accum=32,
+                        epochs=1600, warmup_epochs=40, blr=6.25e-5, workers=10),
+    "sim-vit-s16": dict(img_size=224, patch_size=16, dim=384, depth=12, heads=6,
+                        decoder_dim=384, decoder_heads=8, batch_size=256, accum=4,
+                        epochs=800, warmup_epochs=40, blr=1.5e-4, workers=10),
+    # CIFAR-10: ViT-Tiny, patch 4 on 32 px (grid 8, 39 of 64 masked); small images get a gentler
+    # crop and no blur, as is usual for CIFAR.
+    "sim-vit-t4-cifar": dict(img_size=32, patch_size=4, dim=192, depth=12, heads=3,
+                             decoder_dim=192, decoder_heads=4, batch_size=512, accum=1,
+                             epochs=400, warmup_epochs=20, blr=1.5e-4, crop_scale=(0.2, 1.0),
+                             blur=False, workers=8),
+    # The default: a small model that learns something in a few minutes on 2 CPU cores from the
+    # embedded photos. 64 px, patch 8 (grid 8), 4 blocks of width 96.
+    "sim-demo-cpu": dict(img_size=64, patch_size=8, dim=96, depth=4, heads=3,
+                         decoder_dim=96, decoder_heads=4, projector_depth=2, predictor_depth=2,
+                         batch_size=32, accum=1, epochs=0, steps=300, warmup_epochs=0,
+                         blr=1.5e-3, crop_scale=(0.2, 1.0), workers=2, log_every=5,
+                         checkpoint_every=100, warmup_steps=30),
+}
+
+DEFAULT_PRESET = "sim-demo-cpu"
+
+
+def preset_config(name: str) -> PretrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PretrainConfig(preset=name, **PRESETS[name])

@@ -1,0 +1,314 @@
+"""The SIM training loop. It reads top to bottom: set up, (resume), then one optimiser step at a time.
+
+One optimiser step (spec/SIM.md §10), with `accum` micro-batches:
+  1. EMA update of the target branch (before the target forward; a no-op at step 0),
+  2. target forward of every micro-batch's view 2 (no grad), then F = mean t tᵀ over ALL of them
+     (so F covers the whole accumulated batch, spec §6.4),
+  3. per micro-batch: block mask on the device -> online forward -> UniGrad loss with that F ->
+     backward (scaled by 1/accum),
+  4. unscale, clip the global grad norm, fused AdamW step, zero grads.
+Learning rate and momentum are functions of the step, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.checkpoint import (CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state,
+                               save_checkpoint)
+from engine.fused import choose_kernels
+from engine.masking import make_mask, visible_indices
+from engine.models.sim import SIM
+from engine.monitor import MetricsLog, ProgressBar, plot_loss_curve
+from engine.presets import ConfigError, PretrainConfig
+from engine.schedules import ema_momentum, learning_rate
+from kernels import unigrad_covariance, unigrad_loss
+from pipelines.datasets import DataError, resolve_source
+from pipelines.geometry import relative_geometry
+from pipelines.augment import recipe_augment
+from pipelines.torch_loader import TwoViewLoader
+
+
+class RunError(ValueError):
+    """A run that cannot start or continue; the message is one line that says what to do."""
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    data: str | None = None
+    device: str = "auto"
+    fused: bool = True
+    resume: bool = False
+    stop_after: int | None = None     # stop after this many steps in this invocation (resumable)
+    quiet: bool = False
+    # On --resume the run's own config is used; only these (e.g. steps, workers) may change.
+    resume_overrides: dict = field(default_factory=dict)
+
+
+def log(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, flush=True)
+
+
+# ------------------------------------------------------------------------------------ set-up
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise RunError(f"unknown --device {name!r}: use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    return device
+
+
+def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default (fp16 + GradScaler as an option); fp32 on CPU."""
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def prepare_output_dir(out: Path, resume: bool) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"cannot write to output folder {out} ({exc.strerror or exc}): "
+                       f"choose a writable --out") from exc
+    if not resume and (out / CHECKPOINT_NAME).exists():
+        raise RunError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
+                       f"or choose another --out (nothing was overwritten)")
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on every trainable tensor of ≥2 dims (incl. cls and mask tokens); none on
+    biases and norm weights; frozen tensors (patch embedding, target branch) excluded."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "lamb":
+        try:
+            from apex.optimizers import FusedLAMB  # NVIDIA apex; not on PyPI
+        except ImportError as exc:
+            raise ConfigError("--optimizer lamb needs NVIDIA apex (built from source; the 'apex' "
+                              "package on PyPI is unrelated): use --optimizer adamw") from exc
+        return FusedLAMB(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+
+
+def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device,
+                 workers: int) -> TwoViewLoader:
+    dataset = resolve_source(data)
+    augment = recipe_augment(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                             blur=cfg.blur)
+    loader = TwoViewLoader(dataset, augment, batch_size=cfg.batch_size, workers=workers,
+                           seed=cfg.seed, pin_memory=device.type == "cuda")
+    if loader.batches_per_epoch < cfg.accum:
+        raise RunError(f"an optimiser step needs {cfg.effective_batch} images (--batch-size "
+                       f"{cfg.batch_size} × --accum {cfg.accum}) but the data has "
+                       f"{len(dataset)}: lower --batch-size or --accum")
+    return loader
+
+
+def micro_batches(loader: TwoViewLoader, epoch: int, batch_in_epoch: int):
+    """Endless stream of (epoch, index-in-epoch, batch), continuing from a saved position."""
+    while True:
+        for offset, batch in enumerate(loader.epoch_batches(epoch, batch_in_epoch)):
+            yield epoch, batch_in_epoch + offset, batch
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+def mask_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """A generator per (step, micro-batch): masks are reproducible across resumes for free."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2 ** 63))
+    return generator
+
+
+# ------------------------------------------------------------------------------------ the loop
+def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
+    out = prepare_output_dir(run.out, run.resume)
+    checkpoint = load_checkpoint(out) if run.resume else None
+    if checkpoint is not None:
+        cfg = _config_for_resume(checkpoint, run.resume_overrides)
+    cfg.validate()
+    device = resolve_device(run.device)
+    kernels_used = choose_kernels(run.fused, device)
+    log(kernels_used.message, run.quiet)
+    amp_dtype = autocast_dtype(cfg, device)
+    seed_everything(cfg.seed)
+
+    loader = build_loader(cfg, run.data, device, cfg.workers)
+    steps_per_epoch = loader.batches_per_epoch // cfg.accum
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
+                    else round(cfg.warmup_epochs * steps_per_epoch))
+
+    model = SIM(cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start_step, position = 0, {"epoch": 0, "batch": 0}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+        start_step, position = checkpoint["step"], checkpoint["data_position"]
+        log(f"resuming {out} at step {start_step}/{total_steps}", run.quiet)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    log(f"{model.describe()}; data: {len(loader.dataset)} images, {steps_per_epoch} steps/epoch, "
+        f"batch {cfg.batch_size}×{cfg.accum}, lr {cfg.lr:.2e}, device {device}"
+        f"{'' if amp_dtype is None else f' ({amp_dtype})'.replace('torch.', '')}", run.quiet)
+
+    metrics = MetricsLog(out / "metrics.jsonl")
+    progress = None if run.quiet else ProgressBar(total_steps)
+    stream = micro_batches(loader, position["epoch"], position["batch"])
+    skipped: set[str] = set()
+    interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
+    last_step = start_step
+    final_stop = start_step + run.stop_after if run.stop_after else total_steps
+
+    model.train()
+    for step in range(start_step, min(total_steps, final_stop)):
+        step_started = time.perf_counter()
+        lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+        momentum = ema_momentum(step, total_steps, cfg.momentum)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Data: `accum` micro-batches; the time spent waiting here is the data-wait fraction.
+        batches = []
+        for _ in range(cfg.accum):
+            epoch, batch_index, batch = next(stream)
+            batches.append(batch)
+            for name in batch.get("skipped_files", []):
+                if name not in skipped:
+                    skipped.add(name)
+                    log(f"skipped unreadable image: {name}", run.quiet)
+        position = {"epoch": epoch, "batch": batch_index + 1}
+        data_wait = time.perf_counter() - step_started
+
+        # Target branch: EMA update first, then all micro-batches' targets and one F over them.
+        model.update_target(momentum)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            targets = [model.forward_target(b["view2"].to(device, non_blocking=True))
+                       for b in batches]
+        covariance = unigrad_covariance(torch.cat(targets), form=cfg.loss_form)
+
+        # Online branch, one micro-batch at a time.
+        step_loss = torch.zeros((), device=device)
+        for micro, (batch, target) in enumerate(zip(batches, targets)):
+            mask = make_mask(cfg.mask_kind, cfg.batch_size, cfg.grid, cfg.num_masked,
+                             generator=mask_generator(cfg.seed, step, micro, device),
+                             device=device)
+            visible_idx = visible_indices(mask, check=False)
+            rel = relative_geometry(batch["boxes"], batch["flips"], batch["image_size"]).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                pred = model.forward_online(batch["view1"].to(device, non_blocking=True),
+                                            visible_idx, rel, backends=kernels_used.backend)
+            loss = unigrad_loss(pred.float(), target.float(), cfg.neg_weight,
+                                covariance=covariance, form=cfg.loss_form,
+                                global_weight=cfg.global_weight, dense_weight=cfg.dense_weight,
+                                backend=kernels_used["unigrad_loss"]) / cfg.accum
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad, foreach=True)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Bookkeeping: host syncs only at log steps.
+        if device.type == "cuda" and (step + 1) % cfg.log_every == 0:
+            torch.cuda.synchronize(device)
+        interval_loss.append(step_loss)
+        interval_images += cfg.effective_batch
+        interval_time += time.perf_counter() - step_started
+        interval_wait += data_wait
+        last_step = step + 1
+        if last_step % cfg.log_every == 0 or last_step == total_steps or last_step == final_stop:
+            mean_loss = torch.stack(interval_loss).mean().item()
+            if not math.isfinite(mean_loss):
+                raise RunError(f"the loss became {mean_loss} at step {last_step}: lower the "
+                               f"learning rate (--blr) or use --precision fp32; the last "
+                               f"checkpoint in {out} is intact")
+            record = {"step": last_step, "epoch": round(last_step / steps_per_epoch, 4),
+                      "loss": mean_loss, "lr": lr, "momentum": momentum,
+                      "grad_norm": float(grad_norm), "img_per_s": interval_images / interval_time,
+                      "data_wait": interval_wait / interval_time, "skipped_files": len(skipped),
+                      "time": time.time()}
+            metrics.write(record)
+            if progress:
+                progress.update(last_step, mean_loss, record["img_per_s"], record["data_wait"], lr)
+            interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
+        if last_step % cfg.checkpoint_every == 0 and last_step < total_steps:
+            _save(out, model, optimizer, scaler, cfg, last_step, position)
+
+    if progress:
+        progress.close()
+    _save(out, model, optimizer, scaler, cfg, last_step, position)
+    curve = plot_loss_curve(metrics.read(), out / "loss_curve.png",
+                            title=f"SIM pre-training loss ({cfg.preset})")
+    log(f"done: step {last_step}/{total_steps}; checkpoint {out / CHECKPOINT_NAME}, metrics "
+        f"{out / 'metrics.jsonl'}" + (f", plot {curve}" if curve else "")
+        + (f"; {len(skipped)} unreadable images skipped" if skipped else ""), run.quiet)
+    return {"out": out, "step": last_step, "total_steps": total_steps, "model": model,
+            "skipped_files": sorted(skipped), "kernels": kernels_used.backend}
+
+
+def _save(out, model, optimizer, scaler, cfg, step, position) -> None:
+    save_checkpoint(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scaler": scaler.state_dict(), "config": cfg.to_dict(), "step": step,
+                          "data_position": position, "rng": rng_state(),
+                          "versions": {"torch": torch.__version__}})
+
+
+RESUMABLE_OVERRIDES = ("steps", "epochs", "workers", "log_every", "checkpoint_every")
+
+
+def _config_for_resume(checkpoint: dict, overrides: dict) -> PretrainConfig:
+    """The run's own configuration; only its length and runtime knobs may change on resume."""
+    cfg = PretrainConfig.from_dict(checkpoint["config"])
+    for key, value in overrides.items():
+        if key not in RESUMABLE_OVERRIDES:
+            raise RunError(f"--{key.replace('_', '-')} cannot change when resuming (the run keeps "
+                           f"its own configuration): drop it, or start a new run in another --out")
+        setattr(cfg, key, value)
+    return cfg
+
+
+__all__ = ["pretrain", "RunOptions", "RunError", "DataError"]
