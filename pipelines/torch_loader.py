@@ -7,6 +7,15 @@ epoch is augmented with `random.Random` seeded by (seed, e, p). So a batch is a 
 (dataset, augmentation, seed, epoch, batch index): identical for any number of workers, and when
 an epoch is resumed at batch k with `epoch_batches(e, start_batch=k)`. The loader never touches
 the global torch / random / numpy RNGs.
+
+Sharding (one process per GPU): with `world_size` ranks, global batch k of an epoch is positions
+[k·B·world, (k+1)·B·world) of the permutation, and rank r takes the r-th slice of B. The ranks'
+batches are disjoint, together they are exactly the single-process run's global batches, and the
+augmentation of a sample does not depend on the world size (positions are global).
+
+`stream(epoch, start_batch)` yields batches across epoch boundaries from ONE DataLoader, so the
+worker processes start once per run, not once per epoch (on a small dataset an epoch can be a
+single batch).
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from .augment import TwoViewAugment
 from .datasets import DataError, Sample
 
 BATCH_KEYS = ("view1", "view2", "boxes", "flips", "image_size", "label", "index",
-              "skipped_files")
+              "skipped_files", "epoch", "batch_index")
 
 
 def _mix(*parts: int) -> int:
@@ -51,8 +60,8 @@ class _EpochSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        epoch, position, index = key
+    def __getitem__(self, key: tuple[int, int, int, int]) -> dict[str, Any]:
+        epoch, position, index, batch_index = key
         try:
             sample = self.dataset[index]
         except DataError as err:
@@ -65,7 +74,8 @@ class _EpochSamples(Dataset):
         views = self.augment(sample.image, sample_rng(self.seed, epoch, position))
         return {"view1": views.view1, "view2": views.view2, "boxes": views.boxes,
                 "flips": views.flips, "image_size": (sample.image.height, sample.image.width),
-                "label": sample.label, "index": sample.index, "skipped": sample.skipped}
+                "label": sample.label, "index": sample.index, "skipped": sample.skipped,
+                "epoch": epoch, "batch_index": batch_index}
 
 
 def collate_two_views(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,26 +92,44 @@ def collate_two_views(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "skipped_files": [path for s in samples for path in s["skipped"]],
+        "epoch": samples[0]["epoch"],
+        "batch_index": samples[0]["batch_index"],
     }
 
 
 class _EpochBatchKeys:
-    """Batch sampler: batches start_batch..stop_batch−1 of one epoch's permutation, as keys."""
+    """Batch sampler: this rank's part of batches start_batch..stop_batch−1 of one epoch, as keys
+    (epoch, position, dataset index, batch index)."""
 
     def __init__(self, order: torch.Tensor, epoch: int, batch_size: int, start_batch: int,
-                 stop_batch: int):
+                 stop_batch: int, rank: int = 0, world_size: int = 1):
         self.order, self.epoch, self.batch_size = order, epoch, batch_size
         self.start_batch, self.stop_batch = start_batch, stop_batch
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return max(0, self.stop_batch - self.start_batch)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
         b, n = self.batch_size, len(self.order)
         for k in range(self.start_batch, self.stop_batch):
-            lo, hi = k * b, min((k + 1) * b, n)
-            yield [(self.epoch, pos, idx)
+            lo = (k * self.world_size + self.rank) * b
+            hi = min(lo + b, n)
+            yield [(self.epoch, pos, idx, k)
                    for pos, idx in zip(range(lo, hi), self.order[lo:hi].tolist())]
+
+
+class _StreamBatchKeys:
+    """Endless batch sampler: the epochs' keys one after another, from (epoch, start_batch)."""
+
+    def __init__(self, loader: "TwoViewLoader", epoch: int, start_batch: int):
+        self.loader, self.epoch, self.start_batch = loader, epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        epoch, start = self.epoch, self.start_batch
+        while True:
+            yield from self.loader.epoch_batch_keys(epoch, start)
+            epoch, start = epoch + 1, 0
 
 
 class TwoViewLoader:
@@ -121,17 +149,27 @@ class TwoViewLoader:
       label          int64 (B,);  index  int64 (B,): dataset index of the image actually used
       skipped_files  list[str]: files that failed to decode while building this batch (each was
                      replaced by the next readable image of the dataset)
+      epoch, batch_index  int: where the batch sits in the epoch order
+    rank, world_size: shard each global batch over data-parallel ranks (see the module docstring).
     """
 
     def __init__(self, dataset, augment: TwoViewAugment, batch_size: int, workers: int = 0,
                  seed: int = 0, drop_last: bool = True, pin_memory: bool | str = "auto",
-                 device: torch.device | str | None = None, prefetch_factor: int = 2):
+                 device: torch.device | str | None = None, prefetch_factor: int = 2,
+                 rank: int = 0, world_size: int = 1):
         n = len(dataset)
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
-        if drop_last and batch_size > n:
-            raise DataError(f"batch size {batch_size} is larger than the dataset ({n} images): "
-                            f"use --batch-size {n} or less")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} outside 0..{world_size - 1}")
+        if drop_last and batch_size * world_size > n:
+            per_rank = n // world_size
+            raise DataError(f"batch size {batch_size} is larger than the dataset ({n} images"
+                            + (f" over {world_size} ranks" if world_size > 1 else "")
+                            + f"): use --batch-size {per_rank} or less")
+        if not drop_last and world_size > 1:
+            raise DataError("drop_last=False is only supported with one rank (ranks must see "
+                            "equal batch counts)")
         if workers < 0:
             raise DataError(f"workers must be >= 0, got {workers}")
         self.dataset, self.augment = dataset, augment
@@ -140,6 +178,7 @@ class TwoViewLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.device = None if device is None else torch.device(device)
         self.prefetch_factor = prefetch_factor
+        self.rank, self.world_size = int(rank), int(world_size)
         self._samples = _EpochSamples(dataset, augment, self.seed)
 
     @property
@@ -148,7 +187,7 @@ class TwoViewLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        n, b = len(self.dataset), self.batch_size
+        n, b = len(self.dataset), self.batch_size * self.world_size
         return n // b if self.drop_last else -(-n // b)
 
     def __len__(self) -> int:
@@ -158,7 +197,8 @@ class TwoViewLoader:
         """Per batch of `epoch` (from `start_batch`), the (epoch, position, dataset index) of
         each sample; built lazily from the permutation (no per-sample list for big datasets)."""
         order = epoch_permutation(len(self.dataset), self.seed, epoch)
-        return _EpochBatchKeys(order, epoch, self.batch_size, start_batch, self.batches_per_epoch)
+        return _EpochBatchKeys(order, epoch, self.batch_size, start_batch, self.batches_per_epoch,
+                               self.rank, self.world_size)
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
         """The batches of `epoch` from batch index `start_batch` on (resume mid-epoch exactly)."""
@@ -168,6 +208,13 @@ class TwoViewLoader:
         if len(keys) == 0:
             return iter(())
         return self._iterate(keys)
+
+    def stream(self, epoch: int = 0, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        """Endless batches from (epoch, start_batch) on, across epochs, with one set of workers.
+        Each batch's `epoch` and `batch_index` say where it came from (for checkpoints)."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
+        return self._iterate(_StreamBatchKeys(self, epoch, start_batch))
 
     def _iterate(self, keys) -> Iterator[dict[str, Any]]:
         extra = {}

@@ -303,7 +303,8 @@ def test_batch_contract(tmp_path):
     assert len(batches) == 2
     b = batches[0]
     assert set(b) == {"view1", "view2", "boxes", "flips", "image_size", "label", "index",
-                      "skipped_files"}
+                      "skipped_files", "epoch", "batch_index"}
+    assert [(bb["epoch"], bb["batch_index"]) for bb in batches] == [(0, 0), (0, 1)]
     assert b["view1"].shape == b["view2"].shape == (5, 3, S, S)
     assert b["view1"].dtype == torch.float32
     assert b["boxes"].shape == (5, 2, 4) and b["boxes"].dtype == torch.float32
