@@ -129,10 +129,10 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "SIM pre-train
     raw = [to_xy(s, v) for s, v in points]
     if len(raw) > 1:
         draw.line(raw, fill=(150, 180, 230), width=1)
-    window = max(1, len(points) // 20)
+    half = max(1, len(points) // 40)  # a centred running mean: it does not lag the raw curve
     smooth = []
     for i in range(len(points)):
-        chunk = losses[max(0, i - window + 1): i + 1]
+        chunk = losses[max(0, i - half): i + half + 1]
         smooth.append(to_xy(steps[i], sum(chunk) / len(chunk)))
     if len(smooth) > 1:
         draw.line(smooth, fill=(20, 60, 160), width=2)

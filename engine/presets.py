@@ -133,13 +133,13 @@ PRESETS: dict[str, dict] = {
                              decoder_dim=192, decoder_heads=4, batch_size=512, accum=1,
                              epochs=400, warmup_epochs=20, blr=1.5e-4, crop_scale=(0.2, 1.0),
                              blur=False, workers=8),
-    # The default: a small model that learns something in a few minutes on 2 CPU cores from the
-    # embedded photos. 64 px, patch 8 (grid 8), 4 blocks of width 96.
-    "sim-demo-cpu": dict(img_size=64, patch_size=8, dim=96, depth=4, heads=3,
-                         decoder_dim=96, decoder_heads=4, projector_depth=2, predictor_depth=2,
-                         batch_size=32, accum=1, epochs=0, steps=300, warmup_epochs=0,
-                         blr=1.5e-3, crop_scale=(0.2, 1.0), workers=2, log_every=5,
-                         checkpoint_every=100, warmup_steps=30),
+    # The default: a small model that trains in a few minutes on 2 CPU cores on the embedded
+    # photos. 64 px, patch 8 (grid 8), 6 blocks of width 128.
+    "sim-demo-cpu": dict(img_size=64, patch_size=8, dim=128, depth=6, heads=4,
+                         decoder_dim=128, decoder_heads=4, projector_depth=2, predictor_depth=2,
+                         batch_size=32, accum=1, epochs=0, steps=500, warmup_steps=50,
+                         blr=3e-3, crop_scale=(0.2, 1.0), workers=2, log_every=5,
+                         checkpoint_every=100),
 }
 
 DEFAULT_PRESET = "sim-demo-cpu"

@@ -11,6 +11,7 @@ Learning rate and momentum are functions of the step, so a resumed run continues
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from engine.checkpoint import (CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state,
                                save_checkpoint)
+from engine.distributed import ProcessGroupInfo, init_from_environment, mean_over_ranks, shutdown
 from engine.fused import choose_kernels
 from engine.masking import make_mask, visible_indices
 from engine.models.sim import SIM
@@ -59,15 +62,17 @@ def log(message: str, quiet: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------ set-up
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, group: ProcessGroupInfo) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise RunError(f"unknown --device {name!r}: use auto, cpu or cuda[:N]") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    if device.type == "cuda" and group.active:
+        device = torch.device("cuda", group.local_rank)  # one GPU per process under torchrun
     return device
 
 
@@ -79,16 +84,19 @@ def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | N
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def prepare_output_dir(out: Path, resume: bool) -> Path:
+def prepare_output_dir(out: Path, resume: bool, write: bool = True) -> Path:
+    """Check (and on the writing rank create) the output folder; refuse to start a new run over an
+    existing checkpoint."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RunError(f"cannot write to output folder {out} ({exc.strerror or exc}): "
-                       f"choose a writable --out") from exc
+    if write:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise RunError(f"cannot write to output folder {out} ({exc.strerror or exc}): "
+                           f"choose a writable --out") from exc
     if not resume and (out / CHECKPOINT_NAME).exists():
         raise RunError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
                        f"or choose another --out (nothing was overwritten)")
@@ -113,8 +121,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig,
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.weight_decay)
     if cfg.optimizer == "lamb":
         try:
@@ -123,59 +130,71 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig,
             raise ConfigError("--optimizer lamb needs NVIDIA apex (built from source; the 'apex' "
                               "package on PyPI is unrelated): use --optimizer adamw") from exc
         return FusedLAMB(groups, lr=cfg.lr, betas=cfg.betas)
+    # The lr is set every step from the schedule; the value here is only a placeholder.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
 def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device,
-                 workers: int) -> TwoViewLoader:
+                 group: ProcessGroupInfo) -> TwoViewLoader:
     dataset = resolve_source(data)
     augment = recipe_augment(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
                              blur=cfg.blur)
-    loader = TwoViewLoader(dataset, augment, batch_size=cfg.batch_size, workers=workers,
-                           seed=cfg.seed, pin_memory=device.type == "cuda")
+    loader = TwoViewLoader(dataset, augment, batch_size=cfg.batch_size, workers=cfg.workers,
+                           seed=cfg.seed, pin_memory=device.type == "cuda", rank=group.rank,
+                           world_size=group.world_size)
     if loader.batches_per_epoch < cfg.accum:
-        raise RunError(f"an optimiser step needs {cfg.effective_batch} images (--batch-size "
-                       f"{cfg.batch_size} × --accum {cfg.accum}) but the data has "
-                       f"{len(dataset)}: lower --batch-size or --accum")
+        raise RunError(f"an optimiser step needs {cfg.effective_batch * group.world_size} images "
+                       f"(--batch-size {cfg.batch_size} × --accum {cfg.accum}"
+                       + (f" × {group.world_size} ranks" if group.active else "")
+                       + f") but the data has {len(dataset)}: lower --batch-size or --accum")
     return loader
 
 
-def micro_batches(loader: TwoViewLoader, epoch: int, batch_in_epoch: int):
-    """Endless stream of (epoch, index-in-epoch, batch), continuing from a saved position."""
-    while True:
-        for offset, batch in enumerate(loader.epoch_batches(epoch, batch_in_epoch)):
-            yield epoch, batch_in_epoch + offset, batch
-        epoch, batch_in_epoch = epoch + 1, 0
-
-
-def mask_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    """A generator per (step, micro-batch): masks are reproducible across resumes for free."""
+def mask_generator(seed: int, rank: int, step: int, micro: int,
+                   device: torch.device) -> torch.Generator:
+    """A generator per (rank, step, micro-batch): masks are reproducible across resumes for free
+    and differ between ranks. (Python hashes tuples of ints deterministically.)"""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2 ** 63))
+    generator.manual_seed(hash((seed, rank, step, micro)) % (2 ** 63))
     return generator
+
+
+def wrap_data_parallel(model: SIM, device: torch.device, group: ProcessGroupInfo):
+    """The module the online forward goes through: DDP over ranks, else the model itself."""
+    if not group.active:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                   else None, broadcast_buffers=False)
 
 
 # ------------------------------------------------------------------------------------ the loop
 def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
-    out = prepare_output_dir(run.out, run.resume)
+    group = init_from_environment(run.device)
+    quiet = run.quiet or not group.is_main
+    out = prepare_output_dir(run.out, run.resume, write=group.is_main)
     checkpoint = load_checkpoint(out) if run.resume else None
     if checkpoint is not None:
         cfg = _config_for_resume(checkpoint, run.resume_overrides)
     cfg.validate()
-    device = resolve_device(run.device)
+    device = resolve_device(run.device, group)
     kernels_used = choose_kernels(run.fused, device)
-    log(kernels_used.message, run.quiet)
+    log(kernels_used.message, quiet)
     amp_dtype = autocast_dtype(cfg, device)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + group.rank)
 
-    loader = build_loader(cfg, run.data, device, cfg.workers)
+    loader = build_loader(cfg, run.data, device, group)
     steps_per_epoch = loader.batches_per_epoch // cfg.accum
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
                     else round(cfg.warmup_epochs * steps_per_epoch))
+    global_batch = cfg.effective_batch * group.world_size
+    peak_lr = cfg.blr * global_batch / 256
 
-    model = SIM(cfg).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    model = SIM(cfg)
+    if group.active and device.type == "cuda":  # SyncBatchNorm runs on CUDA only
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     start_step, position = 0, {"epoch": 0, "batch": 0}
@@ -185,41 +204,43 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
         start_step, position = checkpoint["step"], checkpoint["data_position"]
-        log(f"resuming {out} at step {start_step}/{total_steps}", run.quiet)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    log(f"{model.describe()}; data: {len(loader.dataset)} images, {steps_per_epoch} steps/epoch, "
-        f"batch {cfg.batch_size}×{cfg.accum}, lr {cfg.lr:.2e}, device {device}"
-        f"{'' if amp_dtype is None else f' ({amp_dtype})'.replace('torch.', '')}", run.quiet)
+        log(f"resuming {out} at step {start_step}/{total_steps}", quiet)
+    online = wrap_data_parallel(model, device, group)
+    if group.is_main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    log(f"{model.describe()}; data: {loader.num_images} images, {steps_per_epoch} steps/epoch, "
+        f"batch {cfg.batch_size}×{cfg.accum}"
+        + (f"×{group.world_size} ranks" if group.active else "")
+        + f", lr {peak_lr:.2e}, device {device}"
+        + ("" if amp_dtype is None else f" ({str(amp_dtype).removeprefix('torch.')})"), quiet)
 
     metrics = MetricsLog(out / "metrics.jsonl")
-    progress = None if run.quiet else ProgressBar(total_steps)
-    stream = micro_batches(loader, position["epoch"], position["batch"])
+    progress = None if quiet else ProgressBar(total_steps)
+    stream = loader.stream(position["epoch"], position["batch"])
     skipped: set[str] = set()
     interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
     last_step = start_step
-    final_stop = start_step + run.stop_after if run.stop_after else total_steps
+    final_stop = min(total_steps, start_step + run.stop_after if run.stop_after else total_steps)
 
     model.train()
-    for step in range(start_step, min(total_steps, final_stop)):
+    for step in range(start_step, final_stop):
         step_started = time.perf_counter()
-        lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+        lr = learning_rate(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
         momentum = ema_momentum(step, total_steps, cfg.momentum)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
 
         # Data: `accum` micro-batches; the time spent waiting here is the data-wait fraction.
-        batches = []
-        for _ in range(cfg.accum):
-            epoch, batch_index, batch = next(stream)
-            batches.append(batch)
-            for name in batch.get("skipped_files", []):
-                if name not in skipped:
-                    skipped.add(name)
-                    log(f"skipped unreadable image: {name}", run.quiet)
-        position = {"epoch": epoch, "batch": batch_index + 1}
+        batches = [next(stream) for _ in range(cfg.accum)]
+        position = {"epoch": batches[-1]["epoch"], "batch": batches[-1]["batch_index"] + 1}
+        for name in (name for batch in batches for name in batch["skipped_files"]):
+            if name not in skipped:
+                skipped.add(name)
+                log(f"skipped unreadable image: {name}", quiet)
         data_wait = time.perf_counter() - step_started
 
-        # Target branch: EMA update first, then all micro-batches' targets and one F over them.
+        # Target branch: EMA update first, then all micro-batches' targets and one F over them
+        # (all-reduced over ranks inside unigrad_covariance).
         model.update_target(momentum)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
@@ -227,23 +248,26 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                        for b in batches]
         covariance = unigrad_covariance(torch.cat(targets), form=cfg.loss_form)
 
-        # Online branch, one micro-batch at a time.
+        # Online branch, one micro-batch at a time; DDP all-reduces gradients on the last one.
         step_loss = torch.zeros((), device=device)
         for micro, (batch, target) in enumerate(zip(batches, targets)):
             mask = make_mask(cfg.mask_kind, cfg.batch_size, cfg.grid, cfg.num_masked,
-                             generator=mask_generator(cfg.seed, step, micro, device),
+                             generator=mask_generator(cfg.seed, group.rank, step, micro, device),
                              device=device)
             visible_idx = visible_indices(mask, check=False)
             rel = relative_geometry(batch["boxes"], batch["flips"], batch["image_size"]).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                pred = model.forward_online(batch["view1"].to(device, non_blocking=True),
-                                            visible_idx, rel, backends=kernels_used.backend)
-            loss = unigrad_loss(pred.float(), target.float(), cfg.neg_weight,
-                                covariance=covariance, form=cfg.loss_form,
-                                global_weight=cfg.global_weight, dense_weight=cfg.dense_weight,
-                                backend=kernels_used["unigrad_loss"]) / cfg.accum
-            scaler.scale(loss).backward()
+            last_micro = micro == cfg.accum - 1
+            with contextlib.nullcontext() if last_micro or not group.active else online.no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    pred = online(batch["view1"].to(device, non_blocking=True), visible_idx, rel,
+                                  backends=kernels_used.backend)
+                loss = unigrad_loss(pred.float(), target.float(), cfg.neg_weight,
+                                    covariance=covariance, form=cfg.loss_form,
+                                    global_weight=cfg.global_weight,
+                                    dense_weight=cfg.dense_weight,
+                                    backend=kernels_used["unigrad_loss"]) / cfg.accum
+                scaler.scale(loss).backward()
             step_loss += loss.detach()
 
         scaler.unscale_(optimizer)
@@ -253,15 +277,16 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
         # Bookkeeping: host syncs only at log steps.
-        if device.type == "cuda" and (step + 1) % cfg.log_every == 0:
+        last_step = step + 1
+        log_now = last_step % cfg.log_every == 0 or last_step == final_stop
+        if device.type == "cuda" and log_now:
             torch.cuda.synchronize(device)
         interval_loss.append(step_loss)
-        interval_images += cfg.effective_batch
+        interval_images += global_batch
         interval_time += time.perf_counter() - step_started
         interval_wait += data_wait
-        last_step = step + 1
-        if last_step % cfg.log_every == 0 or last_step == total_steps or last_step == final_stop:
-            mean_loss = torch.stack(interval_loss).mean().item()
+        if log_now:
+            mean_loss = mean_over_ranks(torch.stack(interval_loss).mean(), group).item()
             if not math.isfinite(mean_loss):
                 raise RunError(f"the loss became {mean_loss} at step {last_step}: lower the "
                                f"learning rate (--blr) or use --precision fp32; the last "
@@ -271,21 +296,25 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                       "grad_norm": float(grad_norm), "img_per_s": interval_images / interval_time,
                       "data_wait": interval_wait / interval_time, "skipped_files": len(skipped),
                       "time": time.time()}
-            metrics.write(record)
+            if group.is_main:
+                metrics.write(record)
             if progress:
                 progress.update(last_step, mean_loss, record["img_per_s"], record["data_wait"], lr)
             interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
-        if last_step % cfg.checkpoint_every == 0 and last_step < total_steps:
+        if last_step % cfg.checkpoint_every == 0 and last_step < final_stop and group.is_main:
             _save(out, model, optimizer, scaler, cfg, last_step, position)
 
     if progress:
         progress.close()
-    _save(out, model, optimizer, scaler, cfg, last_step, position)
-    curve = plot_loss_curve(metrics.read(), out / "loss_curve.png",
-                            title=f"SIM pre-training loss ({cfg.preset})")
+    curve = None
+    if group.is_main:
+        _save(out, model, optimizer, scaler, cfg, last_step, position)
+        curve = plot_loss_curve(metrics.read(), out / "loss_curve.png",
+                                title=f"SIM pre-training loss ({cfg.preset})")
     log(f"done: step {last_step}/{total_steps}; checkpoint {out / CHECKPOINT_NAME}, metrics "
         f"{out / 'metrics.jsonl'}" + (f", plot {curve}" if curve else "")
-        + (f"; {len(skipped)} unreadable images skipped" if skipped else ""), run.quiet)
+        + (f"; {len(skipped)} unreadable images skipped" if skipped else ""), quiet)
+    shutdown(group)
     return {"out": out, "step": last_step, "total_steps": total_steps, "model": model,
             "skipped_files": sorted(skipped), "kernels": kernels_used.backend}
 

@@ -87,6 +87,11 @@ class SIM(nn.Module):
             x = block(x)
         return self.decoder_pred(x[:, 1 + visible:])
 
+    def forward(self, view1: torch.Tensor, visible_idx: torch.Tensor, rel_geometry: torch.Tensor,
+                backends: dict | None = None) -> torch.Tensor:
+        """The online branch (what DistributedDataParallel wraps); see forward_online."""
+        return self.forward_online(view1, visible_idx, rel_geometry, backends)
+
     # ---------------------------------------------------------------- target branch
     @torch.no_grad()
     def forward_target(self, view2: torch.Tensor) -> torch.Tensor:
@@ -117,10 +122,6 @@ class SIM(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # ---------------------------------------------------------------- bookkeeping
-    def online_modules(self) -> list[nn.Module]:
-        return [self.encoder, self.projector, self.predictor, self.decoder_pos_mlp,
-                self.decoder_pred]
-
     def flops_per_image(self) -> float:
         return sim_flops_per_image(self.cfg)
 
@@ -152,8 +153,4 @@ def sim_flops_per_image(cfg: PretrainConfig) -> float:
     return visible * patch + 3 * online + target
 
 
-def build_model(cfg: PretrainConfig) -> SIM:
-    return SIM(cfg)
-
-
-__all__ = ["SIM", "Projector", "build_model", "sim_flops_per_image"]
+__all__ = ["SIM", "Projector", "sim_flops_per_image"]

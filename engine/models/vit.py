@@ -30,17 +30,22 @@ class FP32LayerNorm(nn.LayerNorm):
         return out.to(x.dtype)
 
 
-class TokenBatchNorm(nn.BatchNorm1d):
+class TokenBatchNorm(nn.Module):
     """BatchNorm over channels of (B, L, C) tokens, statistics over all B·L tokens, in fp32.
 
     SIM's projector and predictor use this ("PermuteBN"); cls and patch tokens share statistics.
-    Under torch.distributed it is converted to SyncBatchNorm with the rest of the model.
+    The BatchNorm is an inner module so that `SyncBatchNorm.convert_sync_batchnorm` can swap it
+    for a synchronised one under data parallelism while this wrapper keeps the token layout.
     """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             batch, length, channels = x.shape
-            out = super().forward(x.float().reshape(batch * length, channels))
+            out = self.bn(x.float().reshape(batch * length, channels))
         return out.reshape(batch, length, channels).to(x.dtype)
 
 
@@ -168,10 +173,6 @@ def init_transformer_(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def count_params(module: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def vit_flops_per_image(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> float:
     """Forward FLOPs (2·MAC) of `depth` blocks over `tokens` tokens: linear layers + attention."""
     linear = 2 * tokens * dim * dim * (3 + 1 + 2 * mlp_ratio)
@@ -180,4 +181,4 @@ def vit_flops_per_image(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.
 
 
 __all__ = ["VisionTransformer", "Block", "FP32LayerNorm", "TokenBatchNorm", "init_transformer_",
-           "count_params", "vit_flops_per_image"]
+           "vit_flops_per_image"]
