@@ -189,6 +189,8 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                     else round(cfg.warmup_epochs * steps_per_epoch))
     global_batch = cfg.effective_batch * group.world_size
     peak_lr = cfg.blr * global_batch / 256
+    schedule = {"total_steps": total_steps, "warmup_steps": warmup_steps, "peak_lr": peak_lr,
+                "min_lr": cfg.min_lr, "base_momentum": cfg.momentum, "world_size": group.world_size}
 
     model = SIM(cfg)
     if group.active and device.type == "cuda":  # SyncBatchNorm runs on CUDA only
@@ -302,13 +304,13 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                 progress.update(last_step, mean_loss, record["img_per_s"], record["data_wait"], lr)
             interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
         if last_step % cfg.checkpoint_every == 0 and last_step < final_stop and group.is_main:
-            _save(out, model, optimizer, scaler, cfg, last_step, position)
+            _save(out, model, optimizer, scaler, cfg, last_step, position, schedule)
 
     if progress:
         progress.close()
     curve = None
     if group.is_main:
-        _save(out, model, optimizer, scaler, cfg, last_step, position)
+        _save(out, model, optimizer, scaler, cfg, last_step, position, schedule)
         curve = plot_loss_curve(metrics.read(), out / "loss_curve.png",
                                 title=f"SIM pre-training loss ({cfg.preset})")
     log(f"done: step {last_step}/{total_steps}; checkpoint {out / CHECKPOINT_NAME}, metrics "
@@ -319,10 +321,12 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
             "skipped_files": sorted(skipped), "kernels": kernels_used.backend}
 
 
-def _save(out, model, optimizer, scaler, cfg, step, position) -> None:
+def _save(out, model, optimizer, scaler, cfg, step, position, schedule) -> None:
+    """Everything a resume needs. The lr and momentum are functions of the step; `schedule`
+    records their parameters (total/warm-up steps, peak lr) so a reader can recompute them."""
     save_checkpoint(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict(), "config": cfg.to_dict(), "step": step,
-                          "data_position": position, "rng": rng_state(),
+                          "schedule": schedule, "data_position": position, "rng": rng_state(),
                           "versions": {"torch": torch.__version__}})
 
 

@@ -45,6 +45,12 @@ def test_resume_gives_identical_parameters(cifar_train_subset, tmp_path):
                                                        data=str(cifar_train_subset), device="cpu",
                                                        fused=False, quiet=True, stop_after=10))
     assert first["step"] == 10
+    saved = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert {"model", "optimizer", "scaler", "config", "step", "schedule", "data_position",
+            "rng"} <= saved.keys()
+    assert saved["step"] == 10 and saved["schedule"]["total_steps"] == 20
+    assert any(k.startswith("target_encoder.") for k in saved["model"])  # the EMA branch too
+    assert saved["data_position"] == {"epoch": 0, "batch": 10}
     resumed = pretrain(tiny_run_config(**cfg), RunOptions(out=tmp_path / "split",
                                                          data=str(cifar_train_subset),
                                                          device="cpu", fused=False, quiet=True,
