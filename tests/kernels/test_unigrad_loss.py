@@ -217,8 +217,6 @@ def test_rejects_bad_inputs():
         unigrad_loss(pred, target, neg_weight=None)
     with pytest.raises(ValueError, match="unigrad_covariance: target must have shape"):
         unigrad_covariance(torch.randn(8))
-    with pytest.raises(RuntimeError, match="Triton kernel for this op is not available"):
-        unigrad_loss(pred, target, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         unigrad_loss(pred, target, backend="Triton")
     torch.testing.assert_close(unigrad_loss(pred, target, backend="reference"),
