@@ -208,9 +208,6 @@ def test_backend_selection():
     images, idx = _good_args()
     torch.testing.assert_close(patch_gather(images, idx, 4, backend="reference"),
                                patch_gather_reference(images, idx, 4))
-    with pytest.raises(RuntimeError, match="Triton kernel for this op is not available"):
-        patch_gather(images, idx, 4, backend="triton")
-    with pytest.raises(RuntimeError, match="Triton kernel"):
-        token_gather(torch.randn(2, 3, 4), torch.zeros(2, 1, dtype=torch.int64), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         patch_gather(images, idx, 4, backend="cuda")
+    # backend="triton" (interpreter on CPU, compiled on CUDA) is tested in test_patch_gather_triton.py
