@@ -1,11 +1,14 @@
-"""Correspondence between two views' token grids: by features (DenseCL) and by crop geometry (K3).
+"""Correspondence between two views' token grids: by features (DenseCL) and by crop geometry (K3),
+and PixPro's loss over the geometric positive pairs, each with a fused Triton path.
 
-dense_match(q, k) -> (idx, sim)                                  DENSE.md K2, no gradient
+dense_match(q, k, backend="auto") -> (idx, sim)                  DENSE.md K2, no gradient
     q (B, N, C), k (B, M, C), any float dtype, same B and C.
     idx[b, n] = argmax_m cos(q[b, n], k[b, m])   (B, N) int64
     sim[b, n] = that maximum cosine               (B, N) float32
     Cosines are computed in fp32 (autocast off) from L2-normalised rows (eps 1e-12, so an all-zero
-    row has cosine 0 with everything). On exact ties the index is whichever torch.max returns.
+    row has cosine 0 with everything). Ties: the reference returns whichever index torch.max
+    returns; the Triton kernel returns the smallest index among exactly equal maxima. Inputs must be
+    finite (a NaN row gives an unspecified index). Nothing is differentiable (outputs never require grad).
 
 Geometric correspondence (DENSE.md K3), in the engine's geometry convention:
     boxes (B, 2, 4) = (y, x, h, w) per view in pixels of the ORIGINAL, UNFLIPPED image; flips (B, 2)
@@ -25,6 +28,7 @@ geometric_correspondence(boxes, flips, grid) -> (location, in_overlap)
     map is the identity; this is the same map SIM's relpos_embed encodes, with the views' roles
     swapped. grid_sample_coordinates() turns a location into grid_sample's (x, y) in [-1, 1]
     (align_corners=False), as LC-loss/DenseSiam sample the other view's feature map.
+    (8 floats in, B*grid^2*3 values out: these stay plain PyTorch.)
 
 pixpro_positive_mask(boxes, flips, grid, threshold=0.7, *, image_size) -> (B, grid*grid, grid*grid) bool
     PixPro's positive pairs A[b, i, j] (i: view-1 token, j: view-2 token), reproducing the released
@@ -39,18 +43,56 @@ pixpro_positive_mask(boxes, flips, grid, threshold=0.7, *, image_size) -> (B, gr
     what PixPro does. image_size is (H, W) for the whole batch or a (B, 2) tensor of per-image sizes.
     There is no explicit overlap test: pairs outside the intersection simply end up with d >= T.
 
-Roofline. dense_match: 2*B*N*M*C FLOPs, reading q and k once and writing 12 bytes per query row.
-DenseCL at C5 (B=32, N=M=49, C=2048): 0.31 GFLOP, 25.7 MB fp32 read -- trivial. SIM-sized grids (B=128,
-N=M=196, C=768): 7.6 GFLOP, 77 MB bf16 read; finer strides (S=3136, C=128, B=32): 80 GFLOP over a
-(B, S, S) = 315 M-entry similarity the fused kernel never stores (argmax in the GEMM epilogue). The
-reference stores it, in chunks of query rows. Geometric helpers: 8 floats per image in, the mask
-(B, N, M) bool out; a fused consumer would build it in registers and never store it.
+pixpro_loss(y, z, boxes, flips, grid, threshold=0.7, *, image_size, backend="auto") -> fp32 scalar
+    DENSE.md §2 "Loss", one direction: y (B, grid^2, C) view-1 online tokens (PPM output), z (B,
+    grid^2, C) view-2 target tokens (PixPro detaches z), A = pixpro_positive_mask(...):
+        loss = -2 * mean_b [ Σ_ij A_b(i,j) cos(y_bi, z_bj) / (Σ_ij A_b(i,j) + 1e-6) ]
+    An image without positive pairs contributes 0 and still counts in the mean. PixPro's symmetric
+    loss is pixpro_loss(y1, z2, boxes, flips, ...) + pixpro_loss(y2, z1, boxes.flip(1), flips.flip(1), ...).
+    Gradients: dL/dy always, dL/dz only if z requires grad.
+
+Triton paths (backend="auto" on CUDA tensors, or "triton"; CPU tensors only under TRITON_INTERPRET=1):
+  * _inverse_norm_kernel: one pass over each input, rows' fp32 norm and 1/max(norm, 1e-12).
+  * dense_match: grid (ceil(N/BLOCK_N), B). A program keeps BLOCK_N query rows (the whole channel
+    dim in registers when C <= 256, else looped in 64-channel chunks) and walks the M keys in
+    BLOCK_M tiles: tl.dot in fp32 accumulation (bf16/fp16 operands on tensor cores; fp32 inputs use
+    an exact "ieee" fp32 dot), scales by the keys' inverse norms, and folds the tile's row max and
+    argmax into a running (max, argmax). Writes idx (int64) and sim = max / |q| (fp32). Nothing of
+    size N*M is ever stored. Tiles: 16-bit 128 x 64 (C <= 256, 8 warps) or 128 x 128 x 64; fp32
+    64 x 64 x 32 (_dense_match_config).
+  * pixpro_loss forward: grid (ceil(N/64), B). A program holds 64 view-1 tokens, walks the view-2
+    tokens in 64-token tiles; per tile it builds A in registers from the image's 8 floats (token
+    centres' origin and step per view, pre-divided by max(diag_1, diag_2) in float64 on the host:
+    A = dx^2 + dy^2 < T^2, evaluated in fp32 -- a pair within ~1e-6 relative of the threshold may
+    fall on the other side of the float64 reference's rule), computes the cosines with tl.dot and
+    accumulates per row Σ_j A_ij cos_ij and Σ_j A_ij ((B, N) fp32 each; the batch mean is 3 tiny
+    torch ops).
+  * pixpro_loss backward: with r_i = 1/max(|y_i|, eps) and p_i = Σ_j A_ij cos_ij (saved),
+        dL/dy_i = w_b r_i (Σ_j A_ij ẑ_j - p_i r_i y_i),   w_b = -2 g / (B (Σ A + 1e-6)),
+    so the only pairwise work is the masked GEMM G = A·Ẑ: grid (ceil(N/64), ceil(C/64), B), A (times
+    1/|z_j|) rebuilt in registers per tile, fp32 operands (16-bit inputs are exact in tf32; the
+    "tf32x3" split keeps the fp32 weights' accuracy), no cosine recomputed. dL/dz, when asked for,
+    is the same two kernels with the views swapped (A_21 = A_12^T).
+  Validation (shapes, dtypes, devices, finite boxes, flips 0/1, image_size > 1) runs before any
+  launch; the box/flip/image_size checks read values and so synchronise with the device once per call.
+
+Roofline. dense_match: 2*B*N*M*C FLOPs, reading q and k once (plus a re-read of k per query block
+from L2) and writing 12 bytes per query row. DenseCL at C5 (B=32, N=M=49, C=2048): 0.31 GFLOP --
+trivial. 224 px grids at C=256, B=128: 14x14 2.5 GFLOP, 28x28 40 GFLOP, 56x56 645 GFLOP, where the
+reference's fp32 similarity would be 4*B*N*M = 5.0 GB (it builds it in chunks) and the fused kernel
+stores none of it: compute-bound, the floor is FLOPs / bf16 tensor-core rate. pixpro_loss at PixPro's
+size (B=128, 7x7, C=256): 0.16 GFLOP forward + 0.16 backward, 3.2 MB each of bf16 y and z: launch-bound;
+at 14x14: 2.5 + 2.5 GFLOP, 12.8 MB each -- and no (B, N, M) mask (4.9 MB of bool) or cosine matrix.
 """
+import math
+import os
+
 import torch
 import torch.nn.functional as F_nn
 
 try:  # Triton is optional: the reference below is the CPU path and the definition of the op.
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
     _TRITON_IMPORTABLE = True
 except Exception:  # pragma: no cover - depends on the machine
     _TRITON_IMPORTABLE = False
@@ -65,14 +107,78 @@ def _check_backend_name(op_name, backend):
         raise ValueError(f"{op_name}: backend must be one of {_BACKENDS}, got {backend!r}")
 
 
-def _select_backend(op_name, backend):
-    """Called after validation. No Triton kernel yet: 'auto' means the reference everywhere, and an
-    explicit 'triton' request fails loudly instead of silently running something else."""
-    if backend == "triton":
-        raise RuntimeError(
-            f"{op_name}: the Triton kernel for this op is not available in this build "
-            f"(backend='triton'); use backend='auto' or backend='reference'")
-    return "reference"
+def _select_backend(op_name, backend, device):
+    """Called after validation: 'reference' or 'triton'. 'auto' picks Triton for CUDA tensors when
+    triton imports; an explicit 'triton' that cannot run fails loudly, it never falls back."""
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and _TRITON_IMPORTABLE) else "reference"
+    if not _TRITON_IMPORTABLE:
+        raise RuntimeError(f"{op_name}: backend='triton' needs the triton package, which cannot be "
+                           f"imported here; use backend='auto' or backend='reference'")
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"  # the Triton interpreter (CPU tests)
+    raise RuntimeError(f"{op_name}: backend='triton' needs CUDA tensors (got {device.type}) -- no CUDA "
+                       f"device here; set TRITON_INTERPRET=1 before importing triton to run the kernels "
+                       f"in the interpreter, or use backend='auto'/'reference'")
+
+
+def _pow2_block(size, low, high):
+    """Power-of-two block covering `size`, clamped to [low, high] (tl.dot needs >= 16 per dim)."""
+    return max(low, min(high, triton.next_power_of_2(max(1, size))))
+
+
+def _kernel_compute_dtype(*tensors):
+    """The dtype the kernels read: fp16/bf16/fp32 as given (promoted when mixed); float64 -> fp32."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.float32 if dtype not in (torch.float16, torch.bfloat16, torch.float32) else dtype
+
+
+def _inverse_norms(x, eps=1e-12):
+    """(B, T) fp32 1 / max(|x_row|, eps) (F.normalize's eps) and the norms |x_row|, from a Triton
+    pre-pass that reads x once in its own dtype (torch.linalg.vector_norm(dtype=fp32) would first
+    materialise an fp32 copy of x)."""
+    batch, tokens, channels = x.shape
+    inv = torch.empty(batch, tokens, dtype=torch.float32, device=x.device)
+    norms = torch.empty(batch, tokens, dtype=torch.float32, device=x.device)
+    rows = batch * tokens
+    if rows == 0:
+        return inv, norms
+    block_r = 32
+    block_c = _pow2_block(channels, 16, 128)
+    _inverse_norm_kernel[(triton.cdiv(rows, block_r),)](
+        x, inv, norms, tokens, channels, rows, x.stride(0), x.stride(1), x.stride(2), eps,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return inv, norms
+
+
+if _TRITON_IMPORTABLE:
+
+    @triton.jit
+    def _inverse_norm_kernel(x_ptr, inv_ptr, norm_ptr, T, C, total_rows, stride_b, stride_t, stride_c, eps,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """BLOCK_R rows (b, t) of x: the fp32 L2 norm (IEEE sqrt) and 1 / max(norm, eps)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < total_rows
+        b = (rows // T).to(tl.int64)
+        t = (rows % T).to(tl.int64)
+        base = x_ptr + b * stride_b + t * stride_t
+        chans = tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + chans
+            x = tl.load(base[:, None] + cs[None, :] * stride_c, mask=row_ok[:, None] & (cs[None, :] < C),
+                        other=0.0).to(tl.float32)
+            acc += x * x
+        norm = tl.sqrt_rn(tl.sum(acc, 1))
+        tl.store(norm_ptr + rows, norm, mask=row_ok)
+        tl.store(inv_ptr + rows, tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(norm, eps)),
+                 mask=row_ok)
 
 
 def _fp32_region(device):
@@ -119,11 +225,113 @@ def dense_match_reference(q, k, chunk_entries=_REFERENCE_CHUNK_ENTRIES):
         return best_idx, best_sim
 
 
+if _TRITON_IMPORTABLE:
+
+    @triton.jit
+    def _dense_match_kernel(q_ptr, k_ptr, inv_q_ptr, inv_k_ptr, idx_ptr, sim_ptr,
+                            N, M, C,
+                            stride_qb, stride_qn, stride_qc, stride_kb, stride_km, stride_kc,
+                            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                            SINGLE_C: tl.constexpr, UPCAST: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+        """One program: BLOCK_N query rows of one image against all M keys, running max/argmax."""
+        pid_n = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        chans = tl.arange(0, BLOCK_C)
+        q_base = q_ptr + b * stride_qb
+        k_base = k_ptr + b * stride_kb
+        best = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK_N], tl.int32)
+        if SINGLE_C:  # the whole (padded) channel dim fits one tile: load the query block once
+            q_tile = tl.load(q_base + rows[:, None] * stride_qn + chans[None, :] * stride_qc,
+                             mask=row_ok[:, None] & (chans[None, :] < C), other=0.0)
+            if UPCAST:  # the interpreter's 16-bit arithmetic is wrong; the GPU keeps them native
+                q_tile = q_tile.to(tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            keys = m0 + tl.arange(0, BLOCK_M)
+            key_ok = keys < M
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            if SINGLE_C:
+                k_tile = tl.load(k_base + keys[:, None] * stride_km + chans[None, :] * stride_kc,
+                                 mask=key_ok[:, None] & (chans[None, :] < C), other=0.0)
+                if UPCAST:
+                    k_tile = k_tile.to(tl.float32)
+                acc = tl.dot(q_tile, tl.trans(k_tile), acc, input_precision=DOT_PRECISION)
+            else:
+                for c0 in range(0, C, BLOCK_C):
+                    cs = c0 + chans
+                    c_ok = cs < C
+                    qc = tl.load(q_base + rows[:, None] * stride_qn + cs[None, :] * stride_qc,
+                                 mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                    kc = tl.load(k_base + keys[:, None] * stride_km + cs[None, :] * stride_kc,
+                                 mask=key_ok[:, None] & c_ok[None, :], other=0.0)
+                    if UPCAST:
+                        qc = qc.to(tl.float32)
+                        kc = kc.to(tl.float32)
+                    acc = tl.dot(qc, tl.trans(kc), acc, input_precision=DOT_PRECISION)
+            inv_k = tl.load(inv_k_ptr + b * M + keys, mask=key_ok, other=0.0)
+            scores = tl.where(key_ok[None, :], acc * inv_k[None, :], float("-inf"))
+            tile_best, tile_arg = tl.max(scores, 1, return_indices=True,
+                                         return_indices_tie_break_left=True)
+            better = tile_best > best  # strict: on ties the earlier tile (smaller index) wins
+            best_idx = tl.where(better, m0 + tile_arg, best_idx)
+            best = tl.where(better, tile_best, best)
+        inv_q = tl.load(inv_q_ptr + b * N + rows, mask=row_ok, other=0.0)
+        tl.store(sim_ptr + b * N + rows, best * inv_q, mask=row_ok)
+        tl.store(idx_ptr + b * N + rows, best_idx.to(tl.int64), mask=row_ok)
+
+
+def _dense_match_config(dtype, channels):
+    """Block sizes and launch parameters (tune here on the GPU)."""
+    c_pad = triton.next_power_of_2(max(1, channels))
+    if dtype == torch.float32:  # exact fp32 ("ieee") dot: CUDA cores, smaller tiles
+        return dict(BLOCK_N=64, BLOCK_M=64, BLOCK_C=max(16, min(32, c_pad)), num_warps=4, num_stages=2)
+    if c_pad <= 256:  # the query block stays in registers over the whole key loop
+        return dict(BLOCK_N=128, BLOCK_M=64, BLOCK_C=max(16, c_pad), num_warps=8,
+                    num_stages=2 if c_pad > 128 else 3)
+    return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_C=64, num_warps=8, num_stages=3)
+
+
+def _dense_match_triton(q, k, out_idx=None, out_sim=None):
+    """Launch the fused kernel; out_idx/out_sim may be preallocated (B, N) int64 / fp32 buffers."""
+    batch, num_queries, channels = q.shape
+    num_keys = k.shape[1]
+    dtype = _kernel_compute_dtype(q, k)
+    q = q.detach().to(dtype)
+    k = k.detach().to(dtype)
+    idx = out_idx if out_idx is not None else torch.empty(batch, num_queries, dtype=torch.int64,
+                                                          device=q.device)
+    sim = out_sim if out_sim is not None else torch.empty(batch, num_queries, dtype=torch.float32,
+                                                          device=q.device)
+    if batch == 0 or num_queries == 0:
+        return idx, sim
+    inv_q, _ = _inverse_norms(q)
+    inv_k, _ = _inverse_norms(k)
+    on_gpu = q.device.type == "cuda"
+    cfg = _dense_match_config(dtype, channels)
+    block_n = min(cfg["BLOCK_N"], _pow2_block(num_queries, 16, 128))
+    block_m = min(cfg["BLOCK_M"], _pow2_block(num_keys, 16, 128))
+    block_c = cfg["BLOCK_C"]
+    grid = (triton.cdiv(num_queries, block_n), batch)
+    _dense_match_kernel[grid](
+        q, k, inv_q, inv_k, idx, sim, num_queries, num_keys, channels,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_C=block_c, SINGLE_C=block_c >= channels,
+        UPCAST=not on_gpu, DOT_PRECISION="ieee" if (dtype == torch.float32 or not on_gpu) else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return idx, sim
+
+
 def dense_match(q, k, backend="auto"):
-    """Per query token, the most cosine-similar key token: (idx (B, N) int64, sim (B, N) fp32)."""
+    """Per query token, the most cosine-similar key token: (idx (B, N) int64, sim (B, N) fp32).
+    No gradient flows (DENSE.md K2: matching is not differentiable)."""
     _check_backend_name("dense_match", backend)
     _validate_dense_match(q, k)
-    _select_backend("dense_match", backend)
+    if _select_backend("dense_match", backend, q.device) == "triton":
+        with torch.no_grad(), _fp32_region(q.device):
+            return _dense_match_triton(q, k)
     return dense_match_reference(q, k)
 
 
@@ -269,3 +477,290 @@ def pixpro_positive_mask(boxes, flips, grid, threshold=0.7, *, image_size):
         raise ValueError(f"pixpro_positive_mask: threshold must be a positive number, got {threshold!r}")
     normalised = pixpro_normalised_boxes(boxes, flips, image_size)
     return pixpro_positive_mask_reference(normalised, grid, float(threshold))
+
+
+# ---------------------------------------------------------------------------------------------
+# PixPro's pixel-to-propagation loss as a fused masked cosine (K3 + DENSE.md §2 "Loss")
+# ---------------------------------------------------------------------------------------------
+
+_PIXPRO_COUNT_EPS = 1e-6  # PixPro: Σ A·cos / (Σ A + 1e-6)
+
+
+def _validate_pixpro_loss(y, z, boxes, flips, grid, threshold, image_size):
+    op = "pixpro_loss"
+    for name, value in (("y", y), ("z", z)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() != 3 or not value.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a float tensor of shape (B, grid*grid, C), "
+                             f"got {value.dtype} {tuple(value.shape)}")
+    _validate_views(op, boxes, flips, grid)
+    batch, tokens = boxes.shape[0], grid * grid
+    if batch == 0:
+        raise ValueError(f"{op}: boxes must hold at least one image (the loss is a batch mean)")
+    if tuple(y.shape[:2]) != (batch, tokens):
+        raise ValueError(f"{op}: y must have shape (B, grid*grid, C) = ({batch}, {tokens}, C), "
+                         f"got {tuple(y.shape)}")
+    if tuple(z.shape) != (batch, tokens, y.shape[2]):
+        raise ValueError(f"{op}: z must have shape (B, grid*grid, C) = {(batch, tokens, y.shape[2])} "
+                         f"like y, got {tuple(z.shape)}")
+    for name, value in (("z", z), ("boxes", boxes)):
+        if value.device != y.device:
+            raise ValueError(f"{op}: {name} must be on the same device as y ({y.device}), "
+                             f"got {value.device}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not math.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"{op}: threshold must be a positive number, got {threshold!r}")
+    _image_size_rows(op, image_size, batch, boxes.device)
+
+
+def pixpro_loss_reference(y, z, boxes, flips, grid, threshold=0.7, *, image_size):
+    """Plain-PyTorch definition: materialise PixPro's A (B, N, M) and the cosine matrix.
+
+    loss = -2 * mean_b [ Σ_ij A_b(i,j) cos(y_bi, z_bj) / (Σ_ij A_b(i,j) + 1e-6) ], computed in fp32
+    (float64 for float64 inputs), autocast off. Gradients flow to y and z (PixPro detaches z)."""
+    mask = pixpro_positive_mask(boxes, flips, grid, threshold, image_size=image_size)
+    dtype = torch.promote_types(torch.promote_types(y.dtype, z.dtype), torch.float32)
+    with _fp32_region(y.device):
+        y_unit = F_nn.normalize(y.to(dtype), dim=-1)
+        z_unit = F_nn.normalize(z.to(dtype), dim=-1)
+        cosines = torch.bmm(y_unit, z_unit.transpose(1, 2))          # (B, N, M)
+        positives = mask.to(dtype)
+        per_image = (positives * cosines).sum(dim=(1, 2)) / (positives.sum(dim=(1, 2)) + _PIXPRO_COUNT_EPS)
+        return -2.0 * per_image.mean()
+
+
+def _pixpro_kernel_geometry(boxes, flips, grid, image_size):
+    """(B, 8) fp32 per image, per view v: (x of the column-0 token centre, column step, y of the row-0
+    centre, row step), all divided by max(diag_1, diag_2), so that in the kernel
+    A(i, j) = dx² + dy² < T². Derived in float64 from pixpro_normalised_boxes, the numbers the
+    reference uses."""
+    x0, y0, x1, y1 = pixpro_normalised_boxes(boxes, flips, image_size).unbind(dim=-1)  # (B, 2) each
+    bin_w, bin_h = (x1 - x0) / grid, (y1 - y0) / grid
+    max_diag = torch.sqrt(bin_w ** 2 + bin_h ** 2).amax(dim=1, keepdim=True)            # (B, 1)
+    params = torch.stack([(x0 + 0.5 * bin_w) / max_diag, bin_w / max_diag,
+                          (y0 + 0.5 * bin_h) / max_diag, bin_h / max_diag], dim=-1)    # (B, 2, 4)
+    return params.reshape(-1, 8).to(torch.float32).contiguous()
+
+
+if _TRITON_IMPORTABLE:
+
+    @triton.jit
+    def _pixpro_positive_tile(geo_ptr, b, rows, cols, row_ok, col_ok, GRID, thr_sq):
+        """A(i, j) for a (rows, cols) tile, built in registers from the image's 8 floats."""
+        g = geo_ptr + b * 8
+        cx1 = tl.load(g + 0)
+        sx1 = tl.load(g + 1)
+        cy1 = tl.load(g + 2)
+        sy1 = tl.load(g + 3)
+        cx2 = tl.load(g + 4)
+        sx2 = tl.load(g + 5)
+        cy2 = tl.load(g + 6)
+        sy2 = tl.load(g + 7)
+        xi = cx1 + (rows % GRID).to(tl.float32) * sx1
+        yi = cy1 + (rows // GRID).to(tl.float32) * sy1
+        xj = cx2 + (cols % GRID).to(tl.float32) * sx2
+        yj = cy2 + (cols // GRID).to(tl.float32) * sy2
+        dx = xi[:, None] - xj[None, :]
+        dy = yi[:, None] - yj[None, :]
+        return (dx * dx + dy * dy < thr_sq) & row_ok[:, None] & col_ok[None, :]
+
+    @triton.jit
+    def _pixpro_fwd_kernel(y_ptr, z_ptr, inv_y_ptr, inv_z_ptr, geo_ptr, rowsum_ptr, rowcnt_ptr,
+                           N, M, C, GRID, thr_sq,
+                           stride_yb, stride_yn, stride_yc, stride_zb, stride_zm, stride_zc,
+                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                           SINGLE_C: tl.constexpr, UPCAST: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+        """One program: BLOCK_I view-1 tokens of one image. Per row: Σ_j A_ij cos_ij and Σ_j A_ij."""
+        pid_i = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        row_ok = rows < N
+        chans = tl.arange(0, BLOCK_C)
+        y_base = y_ptr + b * stride_yb
+        z_base = z_ptr + b * stride_zb
+        inv_y = tl.load(inv_y_ptr + b * N + rows, mask=row_ok, other=0.0)
+        row_sum = tl.zeros([BLOCK_I], dtype=tl.float32)
+        row_cnt = tl.zeros([BLOCK_I], dtype=tl.float32)
+        if SINGLE_C:
+            y_tile = tl.load(y_base + rows[:, None] * stride_yn + chans[None, :] * stride_yc,
+                             mask=row_ok[:, None] & (chans[None, :] < C), other=0.0)
+            if UPCAST:
+                y_tile = y_tile.to(tl.float32)
+        for j0 in range(0, M, BLOCK_J):
+            cols = j0 + tl.arange(0, BLOCK_J)
+            col_ok = cols < M
+            acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+            if SINGLE_C:
+                z_tile = tl.load(z_base + cols[:, None] * stride_zm + chans[None, :] * stride_zc,
+                                 mask=col_ok[:, None] & (chans[None, :] < C), other=0.0)
+                if UPCAST:
+                    z_tile = z_tile.to(tl.float32)
+                acc = tl.dot(y_tile, tl.trans(z_tile), acc, input_precision=DOT_PRECISION)
+            else:
+                for c0 in range(0, C, BLOCK_C):
+                    cs = c0 + chans
+                    c_ok = cs < C
+                    yc = tl.load(y_base + rows[:, None] * stride_yn + cs[None, :] * stride_yc,
+                                 mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                    zc = tl.load(z_base + cols[:, None] * stride_zm + cs[None, :] * stride_zc,
+                                 mask=col_ok[:, None] & c_ok[None, :], other=0.0)
+                    if UPCAST:
+                        yc = yc.to(tl.float32)
+                        zc = zc.to(tl.float32)
+                    acc = tl.dot(yc, tl.trans(zc), acc, input_precision=DOT_PRECISION)
+            positive = _pixpro_positive_tile(geo_ptr, b, rows, cols, row_ok, col_ok, GRID, thr_sq)
+            inv_z = tl.load(inv_z_ptr + b * M + cols, mask=col_ok, other=0.0)
+            cosines = acc * inv_y[:, None] * inv_z[None, :]
+            row_sum += tl.sum(tl.where(positive, cosines, 0.0), 1)
+            row_cnt += tl.sum(positive.to(tl.float32), 1)
+        tl.store(rowsum_ptr + b * N + rows, row_sum, mask=row_ok)
+        tl.store(rowcnt_ptr + b * N + rows, row_cnt, mask=row_ok)
+
+    @triton.jit
+    def _pixpro_bwd_kernel(y_ptr, z_ptr, inv_y_ptr, inv_z_ptr, geo_ptr, proj_ptr, weight_ptr, grad_ptr,
+                           N, M, C, GRID, thr_sq,
+                           stride_yb, stride_yn, stride_yc, stride_zb, stride_zm, stride_zc,
+                           stride_gb, stride_gn, stride_gc,
+                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+        """One program: a (BLOCK_I tokens, BLOCK_C channels) tile of dL/dy for one image:
+            G = Σ_j A_ij ẑ_j (the masked GEMM A·Ẑ, A rebuilt in registers),
+            dL/dy_i = w_b r_i (G_i - p_i r_i y_i),  r_i = 1/max(|y_i|, eps), p_i = Σ_j A_ij cos_ij
+            (p_i = 0 where |y_i| <= eps: F.normalize's clamp has no gradient there)."""
+        pid_i = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        row_ok = rows < N
+        chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = chans < C
+        z_base = z_ptr + b * stride_zb
+        acc = tl.zeros([BLOCK_I, BLOCK_C], dtype=tl.float32)
+        for j0 in range(0, M, BLOCK_J):
+            cols = j0 + tl.arange(0, BLOCK_J)
+            col_ok = cols < M
+            positive = _pixpro_positive_tile(geo_ptr, b, rows, cols, row_ok, col_ok, GRID, thr_sq)
+            inv_z = tl.load(inv_z_ptr + b * M + cols, mask=col_ok, other=0.0)
+            weights = tl.where(positive, inv_z[None, :], 0.0)          # A_ij / max(|z_j|, eps)
+            z_tile = tl.load(z_base + cols[:, None] * stride_zm + chans[None, :] * stride_zc,
+                             mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(weights, z_tile, acc, input_precision=DOT_PRECISION)
+        y_tile = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_yn + chans[None, :] * stride_yc,
+                         mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        inv_y = tl.load(inv_y_ptr + b * N + rows, mask=row_ok, other=0.0)
+        proj = tl.load(proj_ptr + b * N + rows, mask=row_ok, other=0.0)
+        w = tl.load(weight_ptr + b)
+        grad = (w * inv_y)[:, None] * (acc - (proj * inv_y)[:, None] * y_tile)
+        tl.store(grad_ptr + b * stride_gb + rows[:, None] * stride_gn + chans[None, :] * stride_gc,
+                 grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+
+
+def _pixpro_blocks(num_rows, num_cols):
+    return _pow2_block(num_rows, 16, 64), _pow2_block(num_cols, 16, 64)
+
+
+def _pixpro_forward_rows(y, z, geo, grid, thr_sq, out_rowsum=None, out_rowcnt=None):
+    """Per view-1 token: Σ_j A_ij cos_ij and Σ_j A_ij, (B, N) fp32 each; plus y's inverse norms."""
+    batch, num_rows, channels = y.shape
+    num_cols = z.shape[1]
+    inv_y, norm_y = _inverse_norms(y)
+    inv_z, _ = _inverse_norms(z)
+    rowsum = out_rowsum if out_rowsum is not None else torch.empty(batch, num_rows, dtype=torch.float32,
+                                                                   device=y.device)
+    rowcnt = out_rowcnt if out_rowcnt is not None else torch.empty(batch, num_rows, dtype=torch.float32,
+                                                                   device=y.device)
+    on_gpu = y.device.type == "cuda"
+    block_i, block_j = _pixpro_blocks(num_rows, num_cols)
+    c_pad = _pow2_block(channels, 16, 1 << 30)
+    block_c = c_pad if c_pad <= 256 else 64
+    grid_launch = (triton.cdiv(num_rows, block_i), batch)
+    _pixpro_fwd_kernel[grid_launch](
+        y, z, inv_y, inv_z, geo, rowsum, rowcnt, num_rows, num_cols, channels, grid, thr_sq,
+        y.stride(0), y.stride(1), y.stride(2), z.stride(0), z.stride(1), z.stride(2),
+        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_C=block_c, SINGLE_C=block_c >= channels,
+        UPCAST=not on_gpu,
+        DOT_PRECISION="ieee" if (y.dtype == torch.float32 or not on_gpu) else "tf32",
+        num_warps=8 if block_i * block_c >= 64 * 128 else 4, num_stages=2)
+    return rowsum, rowcnt, inv_y, norm_y, inv_z
+
+
+def _pixpro_backward_rows(y, z, inv_y, norm_y, inv_z, rowsum, weight, geo, grid, thr_sq, out_grad=None):
+    """dL/dy (B, N, C) in y's dtype for per-image weights w_b = dL/dcos_ij / A_ij."""
+    batch, num_rows, channels = y.shape
+    num_cols = z.shape[1]
+    on_gpu = y.device.type == "cuda"
+    # The interpreter truncates fp32 -> 16-bit stores: there the rounding is left to torch.
+    store_dtype = y.dtype if on_gpu else torch.float32
+    grad = out_grad if out_grad is not None else torch.empty(y.shape, dtype=store_dtype, device=y.device)
+    proj = torch.where(norm_y > 1e-12, rowsum, torch.zeros_like(rowsum))
+    block_i, block_j = _pixpro_blocks(num_rows, num_cols)
+    block_c = _pow2_block(channels, 16, 64)
+    grid_launch = (triton.cdiv(num_rows, block_i), triton.cdiv(channels, block_c), batch)
+    # fp32 inputs: exact fp32 dot; 16-bit inputs are exact in tf32 and the fp32 weights A_ij/|z_j|
+    # keep ~fp32 accuracy through the 3-pass tf32 split.
+    _pixpro_bwd_kernel[grid_launch](
+        y, z, inv_y, inv_z, geo, proj, weight, grad, num_rows, num_cols, channels, grid, thr_sq,
+        y.stride(0), y.stride(1), y.stride(2), z.stride(0), z.stride(1), z.stride(2),
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_C=block_c,
+        DOT_PRECISION="ieee" if (y.dtype == torch.float32 or not on_gpu) else "tf32x3",
+        num_warps=4, num_stages=2)
+    return grad.to(y.dtype)
+
+
+def _swap_views(geo):
+    return geo.view(-1, 2, 4).flip(1).reshape(-1, 8).contiguous()
+
+
+class _PixProLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, z, geo, grid, thr_sq):
+        dtype = _kernel_compute_dtype(y, z)
+        y_k, z_k = y.detach().to(dtype), z.detach().to(dtype)
+        with _fp32_region(y.device):
+            rowsum, rowcnt, inv_y, norm_y, inv_z = _pixpro_forward_rows(y_k, z_k, geo, grid, thr_sq)
+            count = rowcnt.sum(dim=1)                                   # (B,) Σ_ij A
+            per_image = rowsum.sum(dim=1) / (count + _PIXPRO_COUNT_EPS)
+            loss = -2.0 * per_image.mean()
+        ctx.save_for_backward(y_k, z_k, geo, inv_y, norm_y, inv_z, rowsum, count)
+        ctx.grid, ctx.thr_sq = grid, thr_sq
+        ctx.input_dtypes = (y.dtype, z.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        y_k, z_k, geo, inv_y, norm_y, inv_z, rowsum, count = ctx.saved_tensors
+        batch = y_k.shape[0]
+        grad_y = grad_z = None
+        with torch.no_grad(), _fp32_region(y_k.device):
+            # dL/dcos_ij = -2 A_ij / (B (Σ A + 1e-6)) * grad_loss
+            weight = (grad_loss.to(torch.float32) * (-2.0 / batch) / (count + _PIXPRO_COUNT_EPS)).contiguous()
+            if ctx.needs_input_grad[0]:
+                grad_y = _pixpro_backward_rows(y_k, z_k, inv_y, norm_y, inv_z, rowsum, weight, geo,
+                                               ctx.grid, ctx.thr_sq).to(ctx.input_dtypes[0])
+            if ctx.needs_input_grad[1]:  # PixPro detaches z; this is the same maths with views swapped
+                geo_t = _swap_views(geo)
+                colsum, _, inv_z2, norm_z, inv_y2 = _pixpro_forward_rows(z_k, y_k, geo_t, ctx.grid, ctx.thr_sq)
+                grad_z = _pixpro_backward_rows(z_k, y_k, inv_z2, norm_z, inv_y2, colsum, weight, geo_t,
+                                               ctx.grid, ctx.thr_sq).to(ctx.input_dtypes[1])
+        return grad_y, grad_z, None, None, None
+
+
+def pixpro_loss(y, z, boxes, flips, grid, threshold=0.7, *, image_size, backend="auto"):
+    """PixPro's pixel-propagation loss for one direction, A = pixpro_positive_mask(...), fp32 scalar:
+
+        loss = -2 * mean_b [ Σ_ij A_b(i,j) cos(y_bi, z_bj) / (Σ_ij A_b(i,j) + 1e-6) ]
+
+    y (B, grid², C) view-1 (online, PPM output) tokens, z (B, grid², C) view-2 (target) tokens, any
+    float dtypes; boxes/flips/image_size as pixpro_positive_mask. An image with no positive pair
+    contributes 0 and still counts in the mean. PixPro's symmetric loss is
+    pixpro_loss(y1, z2, boxes, flips, ...) + pixpro_loss(y2, z1, boxes.flip(1), flips.flip(1), ...).
+    Differentiable in y and z (PixPro detaches z: then only dL/dy is computed)."""
+    _check_backend_name("pixpro_loss", backend)
+    _validate_pixpro_loss(y, z, boxes, flips, grid, threshold, image_size)
+    if _select_backend("pixpro_loss", backend, y.device) == "reference":
+        return pixpro_loss_reference(y, z, boxes, flips, grid, threshold, image_size=image_size)
+    geo = _pixpro_kernel_geometry(boxes, flips, grid, image_size)
+    return _PixProLossFunction.apply(y, z, geo, grid, float(threshold) ** 2)

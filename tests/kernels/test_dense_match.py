@@ -84,8 +84,6 @@ def test_dense_match_rejects_bad_inputs():
         dense_match(q, k.to("meta"))
     with pytest.raises(ValueError, match="at least one token"):
         dense_match(q, k[:, :0])
-    with pytest.raises(RuntimeError, match="Triton kernel for this op is not available"):
-        dense_match(q, k, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         dense_match(q, k, backend="")
 
@@ -254,3 +252,30 @@ def test_geometry_helpers_reject_bad_inputs():
         pixpro_positive_mask(boxes, flips, 4, image_size=torch.ones(3, 2) * 50)
     with pytest.raises(ValueError, match="threshold"):
         pixpro_positive_mask(boxes, flips, 4, -0.7, image_size=(50, 50))
+
+
+def test_pixpro_loss_reference_matches_the_spec_formula():
+    """DENSE.md §2: f = -2 mean_n [Σ_ij A(i,j) <ŷ_i, ẑ_j> / (Σ_ij A(i,j) + 1e-6)], empty images count."""
+    from kernels.dense_match import pixpro_loss_reference
+
+    grid, batch, channels = 4, 5, 6
+    boxes, flips, sizes = _random_views(batch)
+    boxes[1] = torch.tensor([[0.0, 0.0, 40.0, 40.0], [50.0, 60.0, 30.0, 30.0]])  # disjoint: no pair
+    sizes[1] = torch.tensor([120.0, 150.0])
+    y = torch.randn(batch, grid * grid, channels, dtype=torch.float64)
+    z = torch.randn(batch, grid * grid, channels, dtype=torch.float64)
+    mask = _pixpro_brute_force(boxes, flips, sizes, grid, 0.9)
+    assert not mask[1].any() and mask.any()
+    total = 0.0
+    for n in range(batch):
+        pair_sum, count = 0.0, 0
+        for i in range(grid * grid):
+            for j in range(grid * grid):
+                if mask[n, i, j]:
+                    pair_sum += float(y[n, i] @ z[n, j] / (y[n, i].norm() * z[n, j].norm()))
+                    count += 1
+        total += pair_sum / (count + 1e-6)
+    expected = -2.0 * total / batch
+    loss = pixpro_loss_reference(y, z, boxes, flips, grid, 0.9, image_size=sizes)
+    assert loss.dtype == torch.float64
+    assert abs(float(loss) - expected) < 1e-12
