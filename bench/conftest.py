@@ -116,3 +116,42 @@ def record_rate(benchmark):
         return benchmark.extra_info[key]
 
     return record
+
+
+@pytest.fixture(scope="session")
+def device_ceilings(bench_device) -> dict:
+    """The device's two ceilings, measured once per session on this machine:
+    ``copy_gbps`` (a large device-to-device copy, bytes read + written per second) and
+    ``matmul_tflops`` (a large bf16 matmul on CUDA, fp32 on CPU). Every benchmark reports its
+    figure as a fraction of these (bytes it must move / copy_gbps, FLOPs / matmul_tflops)."""
+    import time
+
+    def best_of(fn, repeats):
+        fn()
+        if bench_device.type == "cuda":
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            if bench_device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    cuda = bench_device.type == "cuda"
+    n_bytes = (1 << 30) if cuda else (1 << 26)
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=bench_device).uniform_()
+    dst = torch.empty_like(src)
+    copy_s = best_of(lambda: dst.copy_(src), 10 if cuda else 3)
+    size = 8192 if cuda else 1024
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(size, size, device=bench_device, dtype=dtype)
+    b = torch.randn(size, size, device=bench_device, dtype=dtype)
+    mm_s = best_of(lambda: a @ b, 10 if cuda else 3)
+    del src, dst, a, b
+    ceilings = {"copy_gbps": 2 * n_bytes / copy_s / 1e9,
+                "matmul_tflops": 2 * size ** 3 / mm_s / 1e12,
+                "matmul_dtype": str(dtype).removeprefix("torch."),
+                "device": env_info()["device_name"]}
+    return ceilings

@@ -5,6 +5,7 @@ run raises a clear error instead of falling back), so this file never goes stale
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -43,10 +44,17 @@ def _probe(op: str, device: torch.device) -> None:
         raise KeyError(op)
 
 
+def interpreter_enabled() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (correct, 25-300x slower): the tests
+    use it to check the fused path on machines without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def choose_kernels(fused: bool, device: torch.device) -> KernelChoice:
     if not fused:
         return KernelChoice(message="kernels: PyTorch reference path (--no-fused)")
-    if device.type != "cuda":
+    interpreted = device.type == "cpu" and interpreter_enabled()
+    if device.type != "cuda" and not interpreted:
         return KernelChoice(message=f"--fused: the Triton kernels need a CUDA device and this run "
                                     f"is on {device.type}; running the PyTorch reference path")
     choice, reasons = KernelChoice(), {}
@@ -58,12 +66,13 @@ def choose_kernels(fused: bool, device: torch.device) -> KernelChoice:
             reason = _short_reason(op, exc)
             reasons.setdefault(reason, []).append(op)
     used = [op for op in FUSED_OPS if choice.backend[op] == "triton"]
+    where = " in the Triton interpreter (TRITON_INTERPRET=1: correct but slow)" if interpreted else ""
     if not reasons:
-        choice.message = f"--fused: Triton kernels for {', '.join(used)}"
+        choice.message = f"--fused: Triton kernels{where} for {', '.join(used)}"
     else:
         fallbacks = "; ".join(f"{', '.join(ops)}: {reason}" for reason, ops in reasons.items())
-        choice.message = (f"--fused: Triton for {', '.join(used) or 'no op'}; PyTorch reference "
-                          f"path for {fallbacks}")
+        choice.message = (f"--fused: Triton{where} for {', '.join(used) or 'no op'}; PyTorch "
+                          f"reference path for {fallbacks}")
     return choice
 
 

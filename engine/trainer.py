@@ -167,6 +167,69 @@ def wrap_data_parallel(model: SIM, device: torch.device, group: ProcessGroupInfo
                                    else None, broadcast_buffers=False)
 
 
+# ------------------------------------------------------------------------------------ one step
+@dataclass
+class StepSession:
+    """What one optimiser step needs (built once by `pretrain`; also used by bench/)."""
+    cfg: PretrainConfig
+    model: SIM
+    online: torch.nn.Module            # the model, or its DDP wrapper (the online forward)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    backends: dict
+    group: ProcessGroupInfo = ProcessGroupInfo()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+
+def optimisation_step(s: StepSession, batches: list[dict], step: int,
+                      momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SIM optimiser step over `accum` micro-batches; returns (loss, grad norm) as tensors
+    (no host sync). The optimiser's lr must already be set for this step."""
+    cfg, device = s.cfg, s.device
+    # Target branch: EMA update first, then all micro-batches' targets and one F over them
+    # (all-reduced over ranks inside unigrad_covariance).
+    s.model.update_target(momentum)
+    with s.autocast():
+        targets = [s.model.forward_target(b["view2"].to(device, non_blocking=True))
+                   for b in batches]
+    covariance = unigrad_covariance(torch.cat(targets), form=cfg.loss_form,
+                                    backend=s.backends.get("unigrad_loss", "auto"))
+
+    # Online branch, one micro-batch at a time; DDP all-reduces gradients on the last one.
+    step_loss = torch.zeros((), device=device)
+    for micro, (batch, target) in enumerate(zip(batches, targets)):
+        mask = make_mask(cfg.mask_kind, len(batch["view1"]), cfg.grid, cfg.num_masked,
+                         generator=mask_generator(cfg.seed, s.group.rank, step, micro, device),
+                         device=device)
+        visible_idx = visible_indices(mask, num_visible=cfg.grid ** 2 - cfg.num_masked,
+                                      check=False)
+        rel = relative_geometry(batch["boxes"], batch["flips"], batch["image_size"]).to(device)
+        last_micro = micro == len(batches) - 1
+        with contextlib.nullcontext() if last_micro or not s.group.active else s.online.no_sync():
+            with s.autocast():
+                pred = s.online(batch["view1"].to(device, non_blocking=True), visible_idx, rel,
+                                backends=s.backends)
+            loss = unigrad_loss(pred, target, cfg.neg_weight, covariance=covariance,
+                                form=cfg.loss_form, global_weight=cfg.global_weight,
+                                dense_weight=cfg.dense_weight,
+                                backend=s.backends.get("unigrad_loss", "auto")) / len(batches)
+            s.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+
+    s.scaler.unscale_(s.optimizer)
+    trainable = [p for group in s.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad, foreach=True)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
 # ------------------------------------------------------------------------------------ the loop
 def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     group = init_from_environment(run.device)
@@ -198,7 +261,6 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     model = model.to(device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     start_step, position = 0, {"epoch": 0, "batch": 0}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -216,6 +278,8 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         + f", lr {peak_lr:.2e}, device {device}"
         + ("" if amp_dtype is None else f" ({str(amp_dtype).removeprefix('torch.')})"), quiet)
 
+    session = StepSession(cfg, model, online, optimizer, scaler, device, amp_dtype,
+                          kernels_used.backend, group)
     metrics = MetricsLog(out / "metrics.jsonl")
     progress = None if quiet else ProgressBar(total_steps)
     stream = loader.stream(position["epoch"], position["batch"])
@@ -241,42 +305,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                 log(f"skipped unreadable image: {name}", quiet)
         data_wait = time.perf_counter() - step_started
 
-        # Target branch: EMA update first, then all micro-batches' targets and one F over them
-        # (all-reduced over ranks inside unigrad_covariance).
-        model.update_target(momentum)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            targets = [model.forward_target(b["view2"].to(device, non_blocking=True))
-                       for b in batches]
-        covariance = unigrad_covariance(torch.cat(targets), form=cfg.loss_form)
-
-        # Online branch, one micro-batch at a time; DDP all-reduces gradients on the last one.
-        step_loss = torch.zeros((), device=device)
-        for micro, (batch, target) in enumerate(zip(batches, targets)):
-            mask = make_mask(cfg.mask_kind, cfg.batch_size, cfg.grid, cfg.num_masked,
-                             generator=mask_generator(cfg.seed, group.rank, step, micro, device),
-                             device=device)
-            visible_idx = visible_indices(mask, check=False)
-            rel = relative_geometry(batch["boxes"], batch["flips"], batch["image_size"]).to(device)
-            last_micro = micro == cfg.accum - 1
-            with contextlib.nullcontext() if last_micro or not group.active else online.no_sync():
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
-                    pred = online(batch["view1"].to(device, non_blocking=True), visible_idx, rel,
-                                  backends=kernels_used.backend)
-                loss = unigrad_loss(pred.float(), target.float(), cfg.neg_weight,
-                                    covariance=covariance, form=cfg.loss_form,
-                                    global_weight=cfg.global_weight,
-                                    dense_weight=cfg.dense_weight,
-                                    backend=kernels_used["unigrad_loss"]) / cfg.accum
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss, grad_norm = optimisation_step(session, batches, step, momentum)
 
         # Bookkeeping: host syncs only at log steps.
         last_step = step + 1

@@ -2,13 +2,17 @@
 
 Each `kernels/<op>.py` stands alone (imports only torch, and triton where available), so a single
 file can be copied into another codebase. Every public op takes `backend="auto" | "reference" |
-"triton"`; until the Triton kernels land, "auto" runs the PyTorch reference and "triton" raises.
+"triton"`: "auto" runs the Triton kernel on CUDA tensors (where triton is importable) and the
+PyTorch reference otherwise; "triton" runs the kernel or raises a one-line error, never falling
+back silently (CPU tensors are accepted under TRITON_INTERPRET=1, the interpreter).
 """
 from .dense_match import (
     dense_match,
     dense_match_reference,
     geometric_correspondence,
     grid_sample_coordinates,
+    pixpro_loss,
+    pixpro_loss_reference,
     pixpro_normalised_boxes,
     pixpro_positive_mask,
 )
@@ -23,6 +27,8 @@ from .relpos_embed import (
     relpos_coordinates,
     relpos_embed,
     relpos_embed_reference,
+    relpos_query_embed,
+    relpos_query_embed_reference,
 )
 from .unigrad_loss import (
     unigrad_covariance,
@@ -38,11 +44,15 @@ __all__ = [
     "grid_sample_coordinates",
     "patch_gather",
     "patch_gather_reference",
+    "pixpro_loss",
+    "pixpro_loss_reference",
     "pixpro_normalised_boxes",
     "pixpro_positive_mask",
     "relpos_coordinates",
     "relpos_embed",
     "relpos_embed_reference",
+    "relpos_query_embed",
+    "relpos_query_embed_reference",
     "token_gather",
     "token_gather_reference",
     "unigrad_covariance",

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_torchrun_two_cpu_ranks_train_and_rank0_writes(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "engine.pretrain", "--device", "cpu", "--no-fused", "--out", str(out),

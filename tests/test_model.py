@@ -124,3 +124,39 @@ def test_presets_are_valid_and_recipe_constants():
     assert sim_flops_per_image(b16) / 1e9 == pytest.approx(141, rel=0.03)
     cifar = preset_config("sim-vit-t4-cifar")
     assert (cifar.grid, cifar.patch_size, cifar.img_size) == (8, 4, 32)
+
+
+def test_predictor_buffer_matches_concatenation_values_and_gradients():
+    """forward_online writes the queries straight into the predictor-input buffer; the result and
+    every gradient must equal the plain torch.cat formulation of spec §4.1."""
+    from kernels import relpos_embed
+
+    cfg = tiny_config()
+    model = SIM(cfg)
+    view1 = torch.randn(3, 3, 32, 32)
+    visible = visible_indices(make_mask("block", 3, cfg.grid, cfg.num_masked,
+                                        generator=torch.Generator().manual_seed(1)))
+    rel = torch.tensor([[0.1, -0.2, 1.3, 0.8, 1.0, 0.4], [0.0, 0.0, 1.0, 1.0, 0.0, 0.0],
+                        [-0.3, 0.5, 0.7, 1.2, 0.0, 0.2]])
+
+    def concatenated():
+        tokens = model.encoder.embed_patches(view1, visible, backend="reference")
+        hidden = model.projector(model.encoder.forward_tokens(tokens))
+        queries = model.mask_token + model.decoder_pos_mlp(relpos_embed(rel, cfg.grid,
+                                                                        cfg.decoder_dim))
+        x = torch.cat([hidden[:, :1], hidden[:, 1:] + model.decoder_pos_embed[visible], queries], 1)
+        for block in model.predictor:
+            x = block(x)
+        return model.decoder_pred(x[:, 1 + visible.shape[1]:])
+
+    params = [model.mask_token, model.decoder_pos_mlp.weight, model.decoder_pos_mlp.bias,
+              model.encoder.cls_token, model.encoder.blocks[0].attn.qkv.weight]
+    outputs, grads = [], []
+    for forward in (lambda: model.forward_online(view1, visible, rel), concatenated):
+        pred = forward()
+        outputs.append(pred)
+        grads.append(torch.autograd.grad((pred * torch.linspace(-1, 1, pred.numel())
+                                          .reshape(pred.shape)).sum(), params))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from engine.models.vit import Block, VisionTransformer, init_transformer_, vit_flops_per_image
 from engine.presets import PretrainConfig
-from kernels import absolute_sincos_table, relpos_embed
+from kernels import absolute_sincos_table, relpos_query_embed
 
 
 class Projector(nn.Module):
@@ -77,12 +77,16 @@ class SIM(nn.Module):
                                                   backend=backends.get("patch_gather", "auto"))
         hidden = self.projector(self.encoder.forward_tokens(patch_tokens))      # (B, 1+K, D')
 
-        cls_out, visible_out = hidden[:, :1], hidden[:, 1:]
-        visible_out = visible_out + self.decoder_pos_embed.to(hidden.dtype)[visible_idx]
-        rel_table = relpos_embed(rel_geometry, self.grid, self.cfg.decoder_dim,
-                                 backend=backends.get("relpos_embed", "auto"))
-        queries = self.mask_token + self.decoder_pos_mlp(rel_table.to(hidden.dtype))
-        x = torch.cat([cls_out, visible_out, queries.to(hidden.dtype)], dim=1)
+        # Predictor input [cls ; visible + P_dec[visible] ; one query per view-2 patch], built in
+        # one preallocated buffer: the query block is written straight into its slice by
+        # relpos_query_embed (mask token + Linear(sin-cos relpos), never a (B, G², 2D') table on
+        # the fused path), so no torch.cat copies the sequence.
+        x = hidden.new_empty(batch, 1 + visible + self.grid ** 2, hidden.shape[-1])
+        x[:, :1] = hidden[:, :1]
+        x[:, 1:1 + visible] = hidden[:, 1:] + self.decoder_pos_embed.to(hidden.dtype)[visible_idx]
+        relpos_query_embed(rel_geometry, self.grid, self.decoder_pos_mlp.weight,
+                           self.decoder_pos_mlp.bias, self.mask_token, out=x[:, 1 + visible:],
+                           backend=backends.get("relpos_embed", "auto"))
         for block in self.predictor:
             x = block(x)
         return self.decoder_pred(x[:, 1 + visible:])
