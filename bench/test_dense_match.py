@@ -19,6 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.measure import peak_extra_bytes
+
 dm = importlib.import_module("kernels.dense_match")
 
 CUDA = torch.cuda.is_available()
@@ -49,20 +51,6 @@ def _rates(benchmark, record_rate, device_ceilings, flops):
     benchmark.extra_info["fraction_of_matmul_peak"] = (
         tflops / device_ceilings["matmul_tflops"] if tflops is not None else None)
     benchmark.extra_info["matmul_tflops_ceiling"] = device_ceilings["matmul_tflops"]
-
-
-def _peak_extra_bytes(fn, device):
-    """Peak memory allocated during one call above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +95,7 @@ def test_dense_match(benchmark, record_rate, bench_device, sync, device_ceilings
         return out
 
     run()  # warm-up: compilation, autotuning, allocator
-    peak = _peak_extra_bytes(fn, bench_device)
+    peak = peak_extra_bytes(fn, bench_device)
     idx, sim = benchmark(run)
 
     assert idx.shape == sim.shape == (batch, tokens) and idx.dtype == torch.int64
@@ -187,7 +175,7 @@ def test_pixpro_loss(benchmark, record_rate, bench_device, sync, device_ceilings
         return out
 
     run()
-    peak = _peak_extra_bytes(run, bench_device)
+    peak = peak_extra_bytes(run, bench_device)
     loss, grad_y = benchmark(run)
 
     assert loss.shape == () and torch.isfinite(loss)

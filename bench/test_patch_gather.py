@@ -25,6 +25,8 @@ On CPU only the reference runs, at B=2, so `pytest bench --benchmark-disable` st
 import pytest
 import torch
 
+from bench.measure import peak_extra_bytes
+
 from kernels import patch_gather, patch_gather_reference, token_gather, token_gather_reference
 
 IMAGE, PATCH, CHANNELS, VISIBLE, DIM = 224, 16, 3, 78, 768
@@ -76,18 +78,6 @@ def _record(benchmark, device_ceilings, n_bytes, flops, **info):
         bound="compute (matmul)" if math_s > copy_s else "memory bandwidth",
         roofline_fraction=max(copy_s, math_s) / mean if mean else None,
         ceilings=dict(device_ceilings))
-
-
-def _peak_memory(fn, device):
-    """Peak extra memory of one call (CUDA only), in bytes."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def _assert_lowp_rule(kernel, lowp, truth, name):
@@ -143,7 +133,7 @@ def test_patch_embed(benchmark, bench_device, sync, device_ceilings, variant, ba
 
     for _ in range(2):  # warm-up: compile, autotune, allocator
         run()
-    peak = _peak_memory(run, device)
+    peak = peak_extra_bytes(run, device)
     out, grads = benchmark(run)
 
     # correct at the benchmark size: against fp32 torch, within 2x the eager low-precision error
@@ -221,7 +211,7 @@ def test_token_gather(benchmark, bench_device, sync, device_ceilings, variant, b
 
     for _ in range(2):
         run()
-    peak = _peak_memory(run, device)
+    peak = peak_extra_bytes(run, device)
     out, grad = benchmark(run)
 
     expected = token_gather_reference(tokens.detach(), idx)

@@ -26,6 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.measure import peak_extra_bytes
+
 rk = importlib.import_module("kernels.relpos_embed")  # the package's `relpos_embed` is the function
 
 CUDA = torch.cuda.is_available()
@@ -129,13 +131,7 @@ def test_relpos_query_embed(benchmark, bench_device, sync, device_ceilings, batc
 
     run = forward if mode == "fwd" else forward_backward
     run()  # warm-up: compile / autotune / allocator
-    peak_memory = None
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        run()
-        peak_memory = torch.cuda.max_memory_allocated() - before
+    peak_memory = peak_extra_bytes(run, rel.device)
     queries = benchmark(run)
 
     expected, expected_grads = _expected(rel, params, grad_out)

@@ -18,6 +18,8 @@ stays fast.
 import pytest
 import torch
 
+from bench.measure import peak_extra_bytes
+
 from kernels import unigrad_covariance, unigrad_loss, unigrad_loss_reference
 
 TOKENS, CHANNELS, NEG_WEIGHT = 196, 768, 0.02
@@ -64,20 +66,6 @@ def _data(batch, dtype, device):
     return pred.requires_grad_(), target
 
 
-def _peak_extra_bytes(fn, device):
-    """Peak memory one call adds on top of what is already allocated (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    result = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del result
-    return peak
-
-
 def _record(benchmark, record_rate, device_ceilings, op_bytes, op_flops, **info):
     benchmark.extra_info.update(op_bytes=op_bytes, op_flops=op_flops, **info)
     record_rate(op_bytes / 1e9, "gbps")
@@ -119,7 +107,7 @@ def test_unigrad_loss(benchmark, record_rate, device_ceilings, bench_device, syn
     run = forward if mode == "fwd" else forward_backward
     run()  # warm-up: compile, autotune-free launch caches, allocator
     pred.grad = None
-    peak = _peak_extra_bytes(run, bench_device)
+    peak = peak_extra_bytes(run, bench_device)
     loss = benchmark(run)
 
     # correctness at the benchmark size, against the eager fp32 reference
@@ -160,7 +148,7 @@ def test_unigrad_covariance(benchmark, record_rate, device_ceilings, bench_devic
         return covariance
 
     run()
-    peak = _peak_extra_bytes(run, bench_device)
+    peak = peak_extra_bytes(run, bench_device)
     covariance = benchmark(run)
     expected = unigrad_covariance(target, backend="reference")
     assert covariance.shape == (CHANNELS, CHANNELS) and covariance.dtype == torch.float32
