@@ -142,14 +142,14 @@ def _check_grid_and_dim(op_name, grid, dim):
         raise ValueError(f"{op_name}: dim must be a positive int divisible by 4, got {dim!r}")
 
 
-def _validate_relpos_embed(rel, grid, dim, op_name="relpos_embed"):
+def _validate_relpos_embed(rel, grid, dim, op_name="relpos_embed", check_values=True):
     _check_grid_and_dim(op_name, grid, dim)
     if not isinstance(rel, torch.Tensor):
         raise ValueError(f"{op_name}: rel must be a torch.Tensor, got {type(rel).__name__}")
     if rel.dim() != 2 or rel.shape[1] != 6 or not rel.is_floating_point():
         raise ValueError(f"{op_name}: rel must be a float tensor of shape (B, 6) = "
                          f"(di, dj, dh, dw, relflip, dj_flip), got {rel.dtype} {tuple(rel.shape)}")
-    if rel.device.type == "meta" or rel.shape[0] == 0:
+    if not check_values or rel.device.type == "meta" or rel.shape[0] == 0:
         return
     scale_ratios = rel[:, 2:4]
     relflip = rel[:, 4]
@@ -261,7 +261,8 @@ def relpos_query_embed_reference(rel, grid, weight, bias, mask_token, out=None):
     return out
 
 
-def _validate_relpos_query_embed(rel, grid, weight, bias, mask_token, out, op_name="relpos_query_embed"):
+def _validate_relpos_query_embed(rel, grid, weight, bias, mask_token, out, op_name="relpos_query_embed",
+                                 check_values=True):
     _check_grid_and_dim(op_name, grid, None)
     if not isinstance(rel, torch.Tensor):
         raise ValueError(f"{op_name}: rel must be a torch.Tensor, got {type(rel).__name__}")
@@ -282,7 +283,7 @@ def _validate_relpos_query_embed(rel, grid, weight, bias, mask_token, out, op_na
     if mask_token.dim() == 0 or mask_token.shape[-1] != d_out or mask_token.numel() != d_out:
         raise ValueError(f"{op_name}: mask_token must have shape ({d_out},) or (1, 1, {d_out}), "
                          f"got {tuple(mask_token.shape)}")
-    _validate_relpos_embed(rel, grid, weight.shape[1] // 2, op_name=op_name)
+    _validate_relpos_embed(rel, grid, weight.shape[1] // 2, op_name=op_name, check_values=check_values)
     if out is not None:
         expected = (rel.shape[0], grid * grid, d_out)
         if not isinstance(out, torch.Tensor):
@@ -294,7 +295,8 @@ def _validate_relpos_query_embed(rel, grid, weight, bias, mask_token, out, op_na
             raise ValueError(f"{op_name}: out must be on rel's device ({rel.device}), got {out.device}")
 
 
-def relpos_query_embed(rel, grid, weight, bias, mask_token, out=None, backend="auto"):
+def relpos_query_embed(rel, grid, weight, bias, mask_token, out=None, backend="auto",
+                       check_values=True):
     """(B, grid*grid, D) queries = mask_token + relpos_embed(rel, grid, dim) @ weight^T + bias.
 
     rel (B, 6) geometry (no gradient); weight (D, 2*dim); bias (D,); mask_token (D,) or (1, 1, D).
@@ -302,9 +304,13 @@ def relpos_query_embed(rel, grid, weight, bias, mask_token, out=None, backend="a
     and is returned; autograd flows to weight, bias, mask_token and, through the buffer, to whatever
     was written into the buffer's other slices. Output dtype: out.dtype if given, else weight.dtype
     (Triton path; computed in fp32). See the module docstring for the kernels and the roofline.
+    check_values=False skips the value checks on rel (finite, dh/dw > 0, relflip in {0, 1}) and
+    with them the validation's one host sync, for callers whose geometry is valid by construction;
+    shapes, dtypes and devices are still checked, and bad values can only give wrong numbers,
+    never an out-of-bounds access.
     """
     _check_backend_name("relpos_query_embed", backend)
-    _validate_relpos_query_embed(rel, grid, weight, bias, mask_token, out)
+    _validate_relpos_query_embed(rel, grid, weight, bias, mask_token, out, check_values=check_values)
     if _select_backend("relpos_query_embed", backend, rel.device) == "triton":
         # `out` goes first: for a dirty view, autograd's CopySlices maps the Function's FIRST input to
         # the view (a dirty view in another position trips an internal assert in torch).

@@ -415,3 +415,18 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
     rel, grid, weight, bias, mask = _good_args()
     relpos_query_embed(rel, grid, weight, bias, mask)
     assert calls
+
+
+def test_check_values_false_skips_only_the_value_checks():
+    """check_values=False: no value check (and no host sync), but shapes are still validated."""
+    rel, grid, weight, bias, mask = _good_args()
+    bad = rel.clone()
+    bad[:, 2] = -1.0  # dh <= 0: rejected by default
+    with pytest.raises(ValueError, match="dh"):
+        relpos_query_embed(bad, grid, weight, bias, mask)
+    out = relpos_query_embed(bad, grid, weight, bias, mask, check_values=False)
+    assert out.shape == (rel.shape[0], grid * grid, weight.shape[0])
+    with pytest.raises(ValueError, match="rel must be a float tensor of shape"):
+        relpos_query_embed(rel[:, :5], grid, weight, bias, mask, check_values=False)
+    torch.testing.assert_close(relpos_query_embed(rel, grid, weight, bias, mask, check_values=False),
+                               relpos_query_embed(rel, grid, weight, bias, mask))
