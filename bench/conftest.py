@@ -149,7 +149,6 @@ def device_ceilings(bench_device) -> dict:
     a = torch.randn(size, size, device=bench_device, dtype=dtype)
     b = torch.randn(size, size, device=bench_device, dtype=dtype)
     mm_s = best_of(lambda: a @ b, 10 if cuda else 3)
-    del src, dst, a, b
     ceilings = {"copy_gbps": 2 * n_bytes / copy_s / 1e9,
                 "matmul_tflops": 2 * size ** 3 / mm_s / 1e12,
                 "matmul_dtype": str(dtype).removeprefix("torch."),
