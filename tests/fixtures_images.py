@@ -100,3 +100,49 @@ def write_broken_folder(root: Path, n: int = 3) -> Path:
     for k in range(n):
         (root / f"bad{k}.jpg").write_bytes(b"\xff\xd8\xff garbage" * k)
     return root
+
+
+def write_coordinate_sizes(root: Path, sizes=((RAMP_H, RAMP_W), (64, 80), (103, 41),
+                                                (20, 128))) -> Path:
+    """A flat folder of coordinate images `ramp<k>.png` of the given (height, width) sizes (each
+    at most 103 × 128, so the ramps stay within 0..255)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for k, (height, width) in enumerate(sizes):
+        coordinate_image(height, width).save(root / f"ramp{k}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------- DALI loader tests
+
+def write_coordinate_jpeg_folder(root: Path, quality: int = 95) -> Path:
+    """A flat folder holding the coordinate image as `ramp.jpg` (no chroma subsampling)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ramp.jpg").write_bytes(_jpeg_bytes(coordinate_image(), quality=quality,
+                                                subsampling=0))
+    return root
+
+
+def corrupt_jpeg_bytes(seed: int = 3) -> bytes:
+    """A JPEG whose headers and end marker are intact but whose entropy-coded data is garbage:
+    nothing short of decoding finds out, and then Pillow and DALI both fail."""
+    data = bytearray(_jpeg_bytes(noise_image(seed, 64, 64), quality=90))
+    middle = len(data) // 2
+    data[300:middle] = bytes([0xAB]) * (middle - 300)
+    return bytes(data)
+
+
+def bogus_segment_jpeg_bytes(seed: int = 4) -> bytes:
+    """A JPEG with an extra segment whose length field is wrong: Pillow still decodes it, DALI's
+    JPEG parser rejects it."""
+    good = _jpeg_bytes(noise_image(seed, 48, 40), quality=90)
+    return good[:2] + b"\xff\xe0\x00\x10garbage-garbage" + good[2:]
+
+
+def write_size_variety_folder(root: Path, n: int = 64, seed: int = 0) -> Path:
+    """n small noise PNGs of varied sizes and aspect ratios (tall, wide, square), flat."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        h, w = (int(v) for v in rng.integers(12, 90, size=2))
+        noise_image(1000 + k, h, w).save(root / f"v{k:03d}.png")
+    return root
