@@ -64,6 +64,11 @@ class ProgressBar:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def note(self, message: str) -> None:
+        """A line of its own (e.g. an evaluation result) that the redrawn bar does not erase."""
+        self.stream.write(("\r\033[K" if self.interactive else "") + message + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         if self.interactive:
             self.stream.write("\n")
@@ -91,16 +96,52 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return ticks
 
 
+KNN_COLOUR = (200, 70, 30)
+
+
+def _knn_value(record: dict) -> float | None:
+    """The online monitor's headline figure in a metrics record (kNN top-1, k=200 if present)."""
+    value = record.get("knn_top1")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _draw_knn_axis(draw, font, records, x_low, x_high, margins, size) -> None:
+    """kNN top-1 (online monitor) against step on a right-hand 0-1 axis, as dots joined by lines."""
+    points = sorted((r["step"], _knn_value(r)) for r in records
+                    if "step" in r and _knn_value(r) is not None)
+    if not points:
+        return
+    left, right, top, bottom = margins
+    width, height = size
+
+    def to_xy(step: float, value: float) -> tuple[float, float]:
+        x = left + (step - x_low) / (x_high - x_low) * (width - left - right)
+        return x, top + (1.0 - value) * (height - top - bottom)
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, y = to_xy(x_low, tick)
+        draw.line([width - right, y, width - right + 4, y], fill=KNN_COLOUR)
+        draw.text((width - right + 8, y), f"{tick:.2f}", fill=KNN_COLOUR, font=font, anchor="lm")
+    xy = [to_xy(s, v) for s, v in points]
+    if len(xy) > 1:
+        draw.line(xy, fill=KNN_COLOUR, width=2)
+    for x, y in xy:
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=KNN_COLOUR)
+    draw.text((width - right + 4, top - 20), "kNN top-1", fill=KNN_COLOUR, font=font)
+
+
 def plot_loss_curve(records: list[dict], path: Path, title: str = "SIM pre-training loss",
                     size: tuple[int, int] = (800, 480)) -> Path | None:
-    """Loss against step as a PNG (raw points light, a running mean dark). None if no points."""
+    """Loss against step as a PNG (raw points light, a running mean dark), and the online kNN
+    monitor's top-1 on a right-hand axis where the records have it. None if no loss points."""
     points = [(r["step"], r["loss"]) for r in records
               if "loss" in r and "step" in r and math.isfinite(r["loss"])]
     if not points:
         return None
     points.sort()
     width, height = size
-    left, right, top, bottom = 80, 24, 40, 56
+    has_knn = any(_knn_value(r) is not None for r in records)
+    left, right, top, bottom = 80, 64 if has_knn else 24, 40, 56
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -142,6 +183,7 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "SIM pre-train
     draw.text((width / 2, 14), title, fill="black", font=font, anchor="mm")
     draw.text((width / 2, height - 16), "optimiser step", fill="black", font=font, anchor="mm")
     draw.text((12, top - 20), "loss", fill="black", font=font)
+    _draw_knn_axis(draw, font, records, x_low, x_high, (left, right, top, bottom), size)
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
     image.save(tmp)
     tmp.replace(path)

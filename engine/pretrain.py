@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from engine.checkpoint import CHECKPOINT_NAME, CheckpointError
-from engine.presets import DEFAULT_PRESET, PRESETS, ConfigError, preset_config
+from engine.presets import DEFAULT_PRESET, LOADERS, PRESETS, ConfigError, preset_config
 from engine.trainer import RunError, RunOptions, pretrain
 from pipelines.datasets import DataError
 
@@ -20,7 +20,8 @@ from pipelines.datasets import DataError
 CONFIG_FLAGS = {"epochs": "epochs", "steps": "steps", "batch_size": "batch_size", "accum": "accum",
                 "seed": "seed", "workers": "workers", "blr": "blr", "precision": "precision",
                 "loss": "loss_form", "mask": "mask_kind", "optimizer": "optimizer",
-                "log_every": "log_every", "checkpoint_every": "checkpoint_every"}
+                "log_every": "log_every", "checkpoint_every": "checkpoint_every",
+                "loader": "loader", "eval_every": "eval_every"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "one line what it falls back to); --no-fused: PyTorch reference path")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    parser.add_argument("--loader", choices=list(LOADERS), default=None,
+                        help="two-view pipeline: torch (Pillow workers), dali (NVIDIA DALI; GPU, "
+                             "or CPU-only mode), resident (images decoded once and kept and "
+                             "augmented on the device); auto picks (default: the preset's)")
+    parser.add_argument("--eval-data", default=None, metavar="TRAIN_DIR,VAL_DIR",
+                        help="online kNN monitor: two labelled folders (class/img.jpg); kNN "
+                             "top-1 is logged with the metrics and drawn on the loss plot")
+    parser.add_argument("--eval-every", type=float, default=None, metavar="EPOCHS",
+                        help="epochs between kNN evaluations (0: at the start and the end only; "
+                             "default: the preset's)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data-loader worker processes (default: the preset's)")
     parser.add_argument("--blr", type=float, default=None,
@@ -79,6 +90,16 @@ def newest_run_with_checkpoint(preset: str) -> Path | None:
     return candidates[-1].parent if candidates else None
 
 
+def parse_eval_data(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    parts = [part.strip() for part in value.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise RunError(f"--eval-data takes two folders separated by a comma (TRAIN_DIR,VAL_DIR), "
+                       f"got {value!r}")
+    return parts[0], parts[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -99,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is None:
             out = Path("runs") / args.preset / time.strftime("%Y%m%d-%H%M%S")
         run = RunOptions(out=out, data=args.data, device=args.device, fused=args.fused,
+                         eval_data=parse_eval_data(args.eval_data),
                          resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,
                          resume_overrides={k: v for k, v in overrides.items() if v is not None})
         pretrain(cfg, run)

@@ -26,17 +26,17 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.checkpoint import (CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state,
                                save_checkpoint)
 from engine.distributed import ProcessGroupInfo, init_from_environment, mean_over_ranks, shutdown
+from engine.eval import OnlineKnn
 from engine.fused import choose_kernels
+from engine.loaders import build_loader as choose_loader
 from engine.masking import make_mask, visible_indices
 from engine.models.sim import SIM
 from engine.monitor import MetricsLog, ProgressBar, plot_loss_curve
 from engine.presets import ConfigError, PretrainConfig
 from engine.schedules import ema_momentum, learning_rate
 from kernels import unigrad_covariance, unigrad_loss
-from pipelines.datasets import DataError, resolve_source
+from pipelines.datasets import DataError
 from pipelines.geometry import relative_geometry
-from pipelines.augment import recipe_augment
-from pipelines.torch_loader import TwoViewLoader
 
 
 class RunError(ValueError):
@@ -52,6 +52,8 @@ class RunOptions:
     resume: bool = False
     stop_after: int | None = None     # stop after this many steps in this invocation (resumable)
     quiet: bool = False
+    # Online kNN monitor: (train folder, val folder) with class layout, or None.
+    eval_data: tuple[str, str] | None = None
     # On --resume the run's own config is used; only these (e.g. steps, workers) may change.
     resume_overrides: dict = field(default_factory=dict)
 
@@ -135,19 +137,15 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.O
 
 
 def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device,
-                 group: ProcessGroupInfo) -> TwoViewLoader:
-    dataset = resolve_source(data)
-    augment = recipe_augment(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                             blur=cfg.blur)
-    loader = TwoViewLoader(dataset, augment, batch_size=cfg.batch_size, workers=cfg.workers,
-                           seed=cfg.seed, pin_memory=device.type == "cuda", rank=group.rank,
-                           world_size=group.world_size)
+                 group: ProcessGroupInfo, fused: bool = True):
+    """The run's two-view loader (engine/loaders.py picks it) and its one-line description."""
+    loader, message = choose_loader(cfg, data, device, group.rank, group.world_size, fused)
     if loader.batches_per_epoch < cfg.accum:
         raise RunError(f"an optimiser step needs {cfg.effective_batch * group.world_size} images "
                        f"(--batch-size {cfg.batch_size} × --accum {cfg.accum}"
                        + (f" × {group.world_size} ranks" if group.active else "")
-                       + f") but the data has {len(dataset)}: lower --batch-size or --accum")
-    return loader
+                       + f") but the data has {loader.num_images}: lower --batch-size or --accum")
+    return loader, message
 
 
 def mask_generator(seed: int, rank: int, step: int, micro: int,
@@ -179,26 +177,36 @@ class StepSession:
     device: torch.device
     amp_dtype: torch.dtype | None
     backends: dict
-    group: ProcessGroupInfo = ProcessGroupInfo()
+    group: ProcessGroupInfo = field(default_factory=ProcessGroupInfo)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
 
-def optimisation_step(s: StepSession, batches: list[dict], step: int,
-                      momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+def optimisation_step(s: StepSession, batches: list[dict], step: int, momentum: float,
+                      stages=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One SIM optimiser step over `accum` micro-batches; returns (loss, grad norm) as tensors
-    (no host sync). The optimiser's lr must already be set for this step."""
+    (no host sync). The optimiser's lr must already be set for this step.
+
+    `stages` (optional, `stages(name: str) -> None`) is called with a stage's name as each stage
+    ends: "ema", "target_forward", "loss" (F over all targets), then per micro-batch
+    "online_forward" (mask, geometry, forward), "loss", "backward", and last "optimizer" (unscale,
+    clip, AdamW, zero_grad). bench/ passes an `engine.stage_timer.StageTimer`, which synchronises
+    the device at each mark; the default None adds no call and no sync."""
     cfg, device = s.cfg, s.device
+    mark = stages if stages is not None else (lambda stage: None)
     # Target branch: EMA update first, then all micro-batches' targets and one F over them
     # (all-reduced over ranks inside unigrad_covariance).
     s.model.update_target(momentum)
+    mark("ema")
     with s.autocast():
         targets = [s.model.forward_target(b["view2"].to(device, non_blocking=True))
                    for b in batches]
+    mark("target_forward")
     covariance = unigrad_covariance(torch.cat(targets), form=cfg.loss_form,
                                     backend=s.backends.get("unigrad_loss", "auto"))
+    mark("loss")
 
     # Online branch, one micro-batch at a time; DDP all-reduces gradients on the last one.
     step_loss = torch.zeros((), device=device)
@@ -214,11 +222,14 @@ def optimisation_step(s: StepSession, batches: list[dict], step: int,
             with s.autocast():
                 pred = s.online(batch["view1"].to(device, non_blocking=True), visible_idx, rel,
                                 backends=s.backends)
+            mark("online_forward")
             loss = unigrad_loss(pred, target, cfg.neg_weight, covariance=covariance,
                                 form=cfg.loss_form, global_weight=cfg.global_weight,
                                 dense_weight=cfg.dense_weight,
                                 backend=s.backends.get("unigrad_loss", "auto")) / len(batches)
+            mark("loss")
             s.scaler.scale(loss).backward()
+            mark("backward")
         step_loss += loss.detach()
 
     s.scaler.unscale_(s.optimizer)
@@ -227,6 +238,7 @@ def optimisation_step(s: StepSession, batches: list[dict], step: int,
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
+    mark("optimizer")
     return step_loss, grad_norm
 
 
@@ -245,7 +257,8 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     amp_dtype = autocast_dtype(cfg, device)
     seed_everything(cfg.seed + group.rank)
 
-    loader = build_loader(cfg, run.data, device, group)
+    loader, loader_message = build_loader(cfg, run.data, device, group, run.fused)
+    log(loader_message, quiet)
     steps_per_epoch = loader.batches_per_epoch // cfg.accum
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
@@ -278,6 +291,16 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         + f", lr {peak_lr:.2e}, device {device}"
         + ("" if amp_dtype is None else f" ({str(amp_dtype).removeprefix('torch.')})"), quiet)
 
+    # Online kNN monitor (rank 0 only; the folders are checked now, decoded at the first use).
+    monitor, eval_interval = None, 0
+    if run.eval_data and group.is_main:
+        monitor = OnlineKnn(*run.eval_data, img_size=cfg.img_size, device=device,
+                            workers=min(cfg.workers, 8))
+        eval_interval = (max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0
+                         else 0)
+        log(monitor.describe() + (f"; every {eval_interval} steps" if eval_interval else
+                                  "; at the end of the run"), quiet)
+
     session = StepSession(cfg, model, online, optimizer, scaler, device, amp_dtype,
                           kernels_used.backend, group)
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -288,6 +311,22 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     last_step = start_step
     final_stop = min(total_steps, start_step + run.stop_after if run.stop_after else total_steps)
 
+    run_started, last_eval = time.perf_counter(), None
+
+    def evaluate_now(at_step: int) -> dict:
+        result = monitor.evaluate(model.encoder)
+        metrics.write({"step": at_step, "epoch": round(at_step / steps_per_epoch, 4), **result,
+                       "elapsed": time.perf_counter() - run_started, "time": time.time()})
+        line = (f"step {at_step}: kNN top-1 {result['knn_top1']:.4f} "
+                f"({result['knn_seconds']:.1f} s)")
+        if progress:
+            progress.note(line)
+        else:
+            log(line, quiet)
+        return result
+
+    if monitor and start_step == 0:
+        last_eval = evaluate_now(0)  # the random-init baseline, first point of the kNN curve
     model.train()
     for step in range(start_step, final_stop):
         step_started = time.perf_counter()
@@ -332,6 +371,9 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
             if progress:
                 progress.update(last_step, mean_loss, record["img_per_s"], record["data_wait"], lr)
             interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
+        if monitor and (last_step == final_stop or (eval_interval and last_step % eval_interval == 0)):
+            # Outside the timed interval: the next step's clock starts after this.
+            last_eval = evaluate_now(last_step)
         if last_step % cfg.checkpoint_every == 0 and last_step < final_stop and group.is_main:
             _save(out, model, optimizer, scaler, cfg, last_step, position, schedule)
 
@@ -347,6 +389,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         + (f"; {len(skipped)} unreadable images skipped" if skipped else ""), quiet)
     shutdown(group)
     return {"out": out, "step": last_step, "total_steps": total_steps, "model": model,
+            "knn": last_eval,
             "skipped_files": sorted(skipped), "kernels": kernels_used.backend}
 
 
@@ -359,7 +402,8 @@ def _save(out, model, optimizer, scaler, cfg, step, position, schedule) -> None:
                           "versions": {"torch": torch.__version__}})
 
 
-RESUMABLE_OVERRIDES = ("steps", "epochs", "workers", "log_every", "checkpoint_every")
+RESUMABLE_OVERRIDES = ("steps", "epochs", "workers", "log_every", "checkpoint_every", "loader",
+                       "eval_every")
 
 
 def _config_for_resume(checkpoint: dict, overrides: dict) -> PretrainConfig:

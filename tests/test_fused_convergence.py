@@ -26,7 +26,8 @@ def tiny_config() -> PretrainConfig:
                           decoder_heads=2, projector_depth=1, predictor_depth=1, batch_size=8,
                           steps=STEPS, warmup_steps=5, blr=3e-2, crop_scale=(0.2, 1.0),
                           blur=False, workers=0, log_every=1, checkpoint_every=1000,
-                          preset="test-convergence").validate()
+                          # the same loader on both sides: --fused also prefers the fast loaders
+                          loader="torch", preset="test-convergence").validate()
 
 
 def curve(out) -> list[float]:

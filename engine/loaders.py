@@ -1,0 +1,88 @@
+"""Which two-view pipeline feeds a run (`--loader`), and one log line saying what was chosen and why.
+
+All three loaders yield the same batch dict (pipelines/torch_loader.py's docstring), visit an epoch in
+the same order (`epoch_permutation(n, seed, epoch)`), shard a global batch over ranks the same way and
+resume at (epoch, batch) exactly, so the trainer does not care which one it got:
+
+  torch     Pillow in DataLoader worker processes (any folder, any machine; the reference).
+  dali      NVIDIA DALI: ROI JPEG decode + augmentation on the GPU ("mixed"), or DALI's CPU-only
+            mode on a machine without CUDA. Needs `pip install -e ".[dali]"`.
+  resident  the whole folder decoded once into a uint8 tensor on the device, crops and colour done
+            there in a handful of batched ops (small datasets: an epoch of Imagenette-128 in
+            seconds). Refuses, with a one-line reason, a folder that does not fit its budget.
+  auto      on a GPU with --fused: resident where the folder fits the device budget; else DALI
+            where it is installed; else torch. On a CPU, or with --no-fused: torch (on a CPU the
+            Pillow workers overlap augmentation with the step, which the in-process resident
+            augmentation does not; and DALI's CPU mode measured slower than Pillow here,
+            bench/test_pipeline.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.presets import PretrainConfig
+from pipelines.augment import recipe_augment
+from pipelines.datasets import DataError, resolve_source
+from pipelines.torch_loader import TwoViewLoader
+
+
+def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device, rank: int = 0,
+                 world_size: int = 1, fused: bool = True) -> tuple[Any, str]:
+    """(loader, one log line) for `cfg.loader`; raises DataError with a one-line reason when the
+    loader asked for explicitly cannot run here. `auto` with `fused=False` (`--no-fused`, the
+    reference path) is the torch loader."""
+    dataset = resolve_source(data)
+    augment = recipe_augment(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                             blur=cfg.blur)
+    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
+    kind, notes = cfg.loader, []
+    if kind == "auto" and not _auto_prefers_fast_loaders(device, fused):
+        kind = "torch"
+
+    if kind in ("auto", "resident"):
+        from pipelines.resident import ResidentBudgetError, ResidentTwoViewLoader
+        try:
+            loader = ResidentTwoViewLoader(dataset, augment, device=device, workers=cfg.workers,
+                                           **common)
+            return loader, f"data: resident loader ({loader.describe()})"
+        except ResidentBudgetError as exc:
+            if kind == "resident":
+                raise
+            notes.append(f"not resident: {exc}")
+        kind = "dali" if _dali_ready() else "torch"
+        if kind == "torch":
+            notes.append(f"not DALI: {_dali_reason()}")
+
+    if kind == "dali":
+        from pipelines.dali import DaliTwoViewLoader, dali_available
+        ok, reason = dali_available()
+        if not ok:
+            raise DataError(f"--loader dali: {reason}")
+        loader = DaliTwoViewLoader(dataset, augment, device=device, threads=max(1, cfg.workers),
+                                   **common)
+        mode = "GPU (mixed decode)" if device.type == "cuda" else "CPU-only mode"
+        return loader, _line(f"data: DALI loader, {mode}", notes)
+
+    loader = TwoViewLoader(dataset, augment, workers=cfg.workers,
+                           pin_memory=device.type == "cuda", **common)
+    return loader, _line(f"data: torch loader ({cfg.workers} Pillow worker processes)", notes)
+
+
+def _auto_prefers_fast_loaders(device: torch.device, fused: bool) -> bool:
+    return fused and device.type == "cuda"
+
+
+def _dali_ready() -> bool:
+    from pipelines.dali import dali_available
+    return dali_available()[0]
+
+
+def _dali_reason() -> str:
+    from pipelines.dali import dali_available
+    return dali_available()[1] or "available"
+
+
+def _line(head: str, notes: list[str]) -> str:
+    return head + ("" if not notes else " — " + "; ".join(notes))
