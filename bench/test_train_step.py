@@ -1,51 +1,112 @@
-"""One full SIM optimiser step, `--no-fused` (reference) vs `--fused` (Triton kernels).
+"""One full SIM training step, reference (`--no-fused`) vs fused (`--fused`), broken down by stage.
 
-On CUDA: the recipe model (ViT-B/16, 224 px, 118/196 masked, batch 128, bf16 autocast). On CPU: the
-demo preset at batch 8 (reference only; the fused variant skips: Triton runs compiled only on CUDA).
-Inputs are synthetic (random pixels, crop boxes drawn by the loader's own sampler) so the figure is
-the model step alone: EMA update, target forward, F, online forward, loss, backward, clip, AdamW.
-extra_info: step time, img/s, model GFLOP per image, achieved TFLOP/s and the fraction of the
-measured matmul ceiling (MFU).
+A step is what `engine.trainer.pretrain` does per optimiser step: wait for the next batch, then
+`optimisation_step` (EMA update, target forward, F, online forward, loss, backward, clip + AdamW).
+
+Parametrised by
+  variant  `reference`: the PyTorch ops (`choose_kernels(False)`); `fused`: the Triton kernels that
+           `choose_kernels(True)` picks (CUDA only: on CPU the Triton interpreter would time the
+           interpreter, so the case skips).
+  feed     `loader`: the batch comes from the PyTorch two-view loader
+           (`pipelines.torch_loader.TwoViewLoader`, Pillow workers; not DALI, not a device-resident
+           loader) and the wait for it is part of the step, as in training;
+           `device_batch`: one loader batch reused with its views already on the device, i.e. the
+           model step alone (what the earlier results, taken on synthetic batches, measured).
+Sizes: on CUDA the recipe (preset `sim-vit-b16`: ViT-B/16, 224 px, 118/196 masked), batch 128,
+accum 1, bf16 autocast; on CPU the `sim-demo-cpu` preset (ViT 128d x 6, 64 px, patch 8), batch 32,
+fp32. Data: the embedded photos (`pipelines.datasets.sample_photos()`: 47 JPEGs, short side 96 px,
+cheaper to decode than ImageNet-size JPEGs), repeated to fill the batch where it is larger;
+`DENSESIM_BENCH_DATA=DIR` uses an image folder instead. Loader workers: the preset's
+(`DENSESIM_BENCH_WORKERS=N` overrides), capped at the CPU count.
+
+Timing. The headline (pytest-benchmark's rounds) is the free-running step, synchronised once at
+its end. The breakdown comes from further steps run with an `engine.stage_timer.StageTimer` as
+`optimisation_step`'s `stages` hook, which synchronises the device at every stage boundary (so
+each stage's kernels are charged to it); that removes the host/device overlap, so the stages add
+up to a little more than the free-running step (`stage_sync_overhead`).
+
+extra_info: variant, feed, preset, batch, precision, backends, loader/data/workers;
+gflop_per_img (`model.flops_per_image()`: online forward + backward + target forward), step_ms
+(median), img_per_s, tflops (achieved model FLOP rate) and mfu (= tflops / the matmul ceiling
+measured in this run: bf16 on CUDA, fp32 on CPU); stages_ms (ms per step for each stage),
+stage_fraction (of the stages' sum), stages_total_ms, stage_rounds, stage_sync_overhead and
+data_wait_fraction; ceilings (from conftest).
 """
 from __future__ import annotations
 
-import random
+import os
 
 import pytest
 import torch
 
 from engine.fused import choose_kernels
-from engine.models.sim import SIM, sim_flops_per_image
+from engine.models.sim import SIM
 from engine.presets import preset_config
-from engine.trainer import StepSession, autocast_dtype, make_optimizer, optimisation_step
-from pipelines.augment import random_resized_crop_box
+from engine.stage_timer import StageTimer
+from engine.trainer import (
+    StepSession,
+    autocast_dtype,
+    make_optimizer,
+    optimisation_step,
+)
+from pipelines.augment import recipe_augment
+from pipelines.datasets import ImageFolder, sample_photos
+from pipelines.torch_loader import TwoViewLoader
 
 CUDA = torch.cuda.is_available()
+CPU_BATCH = 32
+WARMUP = 2                                   # allocator, autotuning, the mask's CUDA graph, workers
+ROUNDS, STAGE_ROUNDS = (10, 10) if CUDA else (8, 5)
 
 
-def synthetic_batch(cfg, batch_size: int, device: torch.device) -> dict:
-    rng = random.Random(0)
-    height = width = 256
-    boxes = torch.tensor([[random_resized_crop_box(height, width, cfg.crop_scale, cfg.crop_ratio,
-                                                   rng) for _ in range(2)]
-                          for _ in range(batch_size)], dtype=torch.float32)
-    return {"view1": torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, device=device),
-            "view2": torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, device=device),
-            "boxes": boxes, "flips": torch.rand(batch_size, 2) < 0.5,
-            "image_size": torch.tensor([[height, width]] * batch_size)}
+class Repeated:
+    """`dataset` indexed modulo its length, `length` items long (fills a batch from few photos)."""
+
+    def __init__(self, dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+
+def make_loader(cfg, device: torch.device) -> tuple[TwoViewLoader, dict]:
+    folder = os.environ.get("DENSESIM_BENCH_DATA")
+    dataset = ImageFolder(folder) if folder else sample_photos()
+    source = folder or "embedded sample photos (pipelines.datasets.sample_photos)"
+    if len(dataset) < cfg.batch_size:
+        source += f", {len(dataset)} images repeated to fill a batch of {cfg.batch_size}"
+        dataset = Repeated(dataset, cfg.batch_size)
+    workers = int(os.environ.get("DENSESIM_BENCH_WORKERS", cfg.workers))
+    workers = min(workers, os.cpu_count() or 1)
+    augment = recipe_augment(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                             blur=cfg.blur)
+    loader = TwoViewLoader(dataset, augment, batch_size=cfg.batch_size, workers=workers,
+                           seed=cfg.seed, pin_memory=device.type == "cuda")
+    return loader, {"loader": "torch (pipelines.torch_loader.TwoViewLoader, Pillow workers)",
+                    "data": source, "workers": workers}
+
+
+def step_config():
+    if CUDA:
+        cfg = preset_config("sim-vit-b16")      # batch 128 per GPU, bf16 autocast
+    else:
+        cfg = preset_config("sim-demo-cpu")
+        cfg.batch_size = CPU_BATCH
+    cfg.accum = 1
+    return cfg
 
 
 @pytest.mark.benchmark(group="train_step")
+@pytest.mark.parametrize("feed", ["loader", "device_batch"])
 @pytest.mark.parametrize("variant", ["reference", "fused"])
-def test_sim_train_step(benchmark, bench_device, sync, device_ceilings, variant):
+def test_sim_train_step(benchmark, bench_device, sync, device_ceilings, variant, feed):
     if variant == "fused" and not CUDA:
-        pytest.skip("the Triton kernels run compiled only on a CUDA device")
-    if CUDA:
-        cfg = preset_config("sim-vit-b16")
-        cfg.accum = 1
-    else:
-        cfg = preset_config("sim-demo-cpu")
-        cfg.batch_size = 8
+        pytest.skip("the Triton kernels run compiled only on a CUDA device (under the CPU "
+                    "interpreter a step would time the interpreter)")
+    cfg = step_config()
     torch.manual_seed(0)
     model = SIM(cfg).to(bench_device).train()
     optimizer = make_optimizer(model, cfg)
@@ -54,33 +115,109 @@ def test_sim_train_step(benchmark, bench_device, sync, device_ceilings, variant)
     amp_dtype = autocast_dtype(cfg, bench_device)
     scaler = torch.amp.GradScaler(bench_device.type, enabled=amp_dtype is torch.float16)
     kernels = choose_kernels(variant == "fused", bench_device)
+    if variant == "fused":
+        assert kernels.any_fused, kernels.message
     session = StepSession(cfg, model, model, optimizer, scaler, bench_device, amp_dtype,
                           kernels.backend)
-    batch = synthetic_batch(cfg, cfg.batch_size, bench_device)
+    loader, data_info = make_loader(cfg, bench_device)
+    stream = loader.stream()
     step = [0]
+    if feed == "device_batch":
+        resident = next(stream)
+        stream.close()                # no idle workers prefetching beside the timed steps
+        resident = {k: v.to(bench_device) if k in ("view1", "view2") else v
+                    for k, v in resident.items()}
 
-    def run():
-        loss, _ = optimisation_step(session, [batch], step[0], 0.996)
+    def run(stages=None):
+        if stages is not None:
+            stages.start()
+        if feed == "loader":
+            batch = next(stream)
+            if stages is not None:
+                stages("data_wait")
+        else:
+            batch = resident
+        loss, _ = optimisation_step(session, [batch], step[0], 0.996, stages=stages)
         step[0] += 1
         sync()
         return loss
 
-    for _ in range(2):  # warm-up: allocator, autotuning, the mask's CUDA graph
-        run()
-    loss = benchmark.pedantic(run, rounds=10 if CUDA else 3, iterations=1)
+    disabled = getattr(benchmark, "disabled", False)   # --benchmark-disable: one of each, fast
+    timer = StageTimer(bench_device)
+    try:
+        for _ in range(1 if disabled else WARMUP):
+            run()
+        loss = benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+        for _ in range(1 if disabled else STAGE_ROUNDS):
+            run(timer)
+    finally:
+        stream.close()                                  # stops the loader's workers
     assert torch.isfinite(loss).item()
-    if variant == "fused":
-        assert kernels.any_fused, kernels.message
 
-    flops = sim_flops_per_image(cfg)
+    flops = model.flops_per_image()
     stats = getattr(benchmark, "stats", None)
     seconds = stats.stats.median if stats is not None else None
     img_per_s = cfg.batch_size / seconds if seconds else None
     achieved = flops * img_per_s / 1e12 if img_per_s else None
+    stages_ms = timer.mean_ms()
+    total_ms = sum(stages_ms.values())
     benchmark.extra_info.update(
-        variant=variant, preset=cfg.preset, batch=cfg.batch_size, img_size=cfg.img_size,
-        precision=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
-        backends=kernels.backend, gflop_per_img=flops / 1e9, step_ms=seconds and 1e3 * seconds,
-        img_per_s=img_per_s, tflops=achieved,
-        mfu=achieved / device_ceilings["matmul_tflops"] if achieved else None,
-        ceilings=device_ceilings)
+        variant=variant, feed=feed, preset=cfg.preset, batch=cfg.batch_size,
+        img_size=cfg.img_size, precision=str(amp_dtype).removeprefix("torch.") if amp_dtype
+        else "fp32", backends=kernels.backend, **data_info,
+        gflop_per_img=flops / 1e9, step_ms=seconds and 1e3 * seconds, img_per_s=img_per_s,
+        tflops=achieved, mfu=achieved / device_ceilings["matmul_tflops"] if achieved else None,
+        mfu_matmul_dtype=device_ceilings["matmul_dtype"],
+        stages_ms=stages_ms, stage_fraction={k: v / total_ms for k, v in stages_ms.items()},
+        stages_total_ms=total_ms, stage_rounds=timer.steps,
+        stage_sync_overhead=total_ms / (1e3 * seconds) - 1 if seconds else None,
+        data_wait_fraction=stages_ms["data_wait"] / total_ms if "data_wait" in stages_ms
+        else None)
+
+
+def test_stage_hook_changes_nothing():
+    """The `stages` hook only observes: two accumulated steps with a StageTimer give bit-identical
+    losses, gradient norms and parameters to the same steps without one, and every stage is
+    marked in step order (a plain test, run by `pytest bench --benchmark-disable`)."""
+    from engine.presets import PretrainConfig
+    from engine.stage_timer import STAGES
+
+    cfg = PretrainConfig(img_size=32, patch_size=8, dim=32, depth=1, heads=2, decoder_dim=32,
+                         decoder_heads=2, projector_depth=1, predictor_depth=1, batch_size=8,
+                         accum=2, blur=False, crop_scale=(0.2, 1.0), workers=0).validate()
+    loader, _ = make_loader(cfg, torch.device("cpu"))
+    stream = loader.stream()
+    batches = [next(stream) for _ in range(4)]
+    stream.close()
+    marks = []
+
+    cpu = torch.device("cpu")
+
+    def train(stages=None):
+        torch.manual_seed(0)
+        model = SIM(cfg).train()
+        optimizer = make_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        session = StepSession(cfg, model, model, optimizer, scaler, cpu, None,
+                              choose_kernels(False, cpu).backend)
+        results = [optimisation_step(session, batches[2 * i:2 * i + 2], i, 0.99, stages=stages)
+                   for i in range(2)]
+        return results, model.state_dict()
+
+    plain, plain_state = train()
+    timed, timed_state = train(stages=marks.append)
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(plain, timed):
+        assert torch.equal(loss_a, loss_b) and torch.equal(norm_a, norm_b)
+    assert all(torch.equal(plain_state[k], timed_state[k]) for k in plain_state)
+    per_micro = ["online_forward", "loss", "backward"]
+    assert marks == 2 * (["ema", "target_forward", "loss"] + 2 * per_micro + ["optimizer"])
+    assert set(marks) <= set(STAGES)
+
+    timer = StageTimer("cpu")
+    timer.start()
+    timer("data_wait")
+    timer("ema")
+    timer("ema")
+    assert list(timer.mean_ms()) == ["data_wait", "ema"] and timer.steps == 1
+    with pytest.raises(RuntimeError, match="start"):
+        StageTimer("cpu")("ema")
