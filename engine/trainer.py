@@ -371,7 +371,9 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
             if progress:
                 progress.update(last_step, mean_loss, record["img_per_s"], record["data_wait"], lr)
             interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
-        if monitor and (last_step == final_stop or (eval_interval and last_step % eval_interval == 0)):
+        periodic = (eval_interval and last_step % eval_interval == 0
+                    and final_stop - last_step >= eval_interval // 2)  # else the final one covers it
+        if monitor and (last_step == final_stop or periodic):
             # Outside the timed interval: the next step's clock starts after this.
             last_eval = evaluate_now(last_step)
         if last_step % cfg.checkpoint_every == 0 and last_step < final_stop and group.is_main:

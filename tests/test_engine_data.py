@@ -72,11 +72,12 @@ def test_dali_loader_trains(cifar_train_subset, tmp_path):
 
 def test_online_knn_monitor_logs_and_plots(cifar_train_subset, tmp_path):
     data = str(cifar_train_subset)
-    cfg = tiny_run_config(steps=8, batch_size=16, eval_every=0.2)  # 40 steps/epoch: every 8
+    cfg = tiny_run_config(steps=17, batch_size=16, eval_every=0.2)  # 40 steps/epoch: every 8
     result = pretrain(cfg, RunOptions(out=tmp_path / "knn", data=data, device="cpu",
                                       fused=False, quiet=True, eval_data=(data, data)))
     evals = [r for r in _records(result["out"]) if "knn_top1" in r]
-    assert [r["step"] for r in evals] == [0, 8]  # the random-init baseline, then every 8 steps
+    # the random-init baseline, every 8 steps, and the end (step 16 is left to it: 1 step before)
+    assert [r["step"] for r in evals] == [0, 8, 17]
     for record in evals:
         assert 0.0 <= record["knn_top1"] <= 1.0
         assert {"knn_top1_patch@20", "knn_top1_cls@200", "knn_seconds", "elapsed"} <= record.keys()
