@@ -106,7 +106,8 @@ import torch
 
 from .augment import TwoViewAugment, ViewAugment
 from .datasets import MAX_DECODE_TRIES, DataError, ImageFolder, decode_rgb
-from .torch_loader import _mix, epoch_permutation
+from .torch_loader import (_mix, check_batching, count_batches, epoch_permutation,
+                           rank_slice)
 
 DALI_INSTALL_HINT = ("pip install nvidia-dali-cuda130 (or the build for your CUDA), or use "
                      "--loader torch")
@@ -704,18 +705,7 @@ class DaliTwoViewLoader:
                             f"({reason.split('(', 1)[-1].rstrip(')')}): {DALI_INSTALL_HINT}")
         dataset = root if isinstance(root, ImageFolder) else ImageFolder(os.fspath(root))
         n = len(dataset)
-        if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} outside 0..{world_size - 1}")
-        if drop_last and batch_size * world_size > n:
-            per_rank = n // world_size
-            raise DataError(f"batch size {batch_size} is larger than the dataset ({n} images"
-                            + (f" over {world_size} ranks" if world_size > 1 else "")
-                            + f"): use --batch-size {per_rank} or less")
-        if not drop_last and world_size > 1:
-            raise DataError("drop_last=False is only supported with one rank (ranks must see "
-                            "equal batch counts)")
+        check_batching(n, batch_size, rank, world_size, drop_last)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise DataError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if prefetch < 1:
@@ -764,8 +754,7 @@ class DaliTwoViewLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        n, b = len(self.dataset), self.batch_size * self.world_size
-        return n // b if self.drop_last else -(-n // b)
+        return count_batches(len(self.dataset), self.batch_size, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -773,12 +762,11 @@ class DaliTwoViewLoader:
     # ------------------------------------------------------------------ what to feed
 
     def _jobs(self, epoch: int, start_batch: int, one_epoch: bool) -> Iterator[_Job]:
-        n, b = len(self.dataset), self.batch_size
+        n = len(self.dataset)
         while True:
             order = epoch_permutation(n, self.seed, epoch).numpy()
             for k in range(start_batch, self.batches_per_epoch):
-                lo = (k * self.world_size + self.rank) * b
-                hi = min(lo + b, n)
+                lo, hi = rank_slice(k, self.batch_size, self.rank, self.world_size, n)
                 yield _Job(epoch, k, np.arange(lo, hi, dtype=np.int64), order[lo:hi])
             if one_epoch:
                 return

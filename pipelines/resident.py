@@ -101,7 +101,8 @@ from PIL import Image
 
 from .augment import TwoViewAugment, ViewAugment
 from .datasets import MAX_DECODE_TRIES, DataError, ImageFolder, resolve_source
-from .torch_loader import _mix, epoch_permutation
+from .torch_loader import (_mix, check_batching, count_batches, epoch_permutation,
+                           rank_slice)
 
 GRID_SAMPLE_MODES = ("bicubic", "bilinear", "nearest")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert("L")
@@ -732,18 +733,7 @@ class ResidentTwoViewLoader:
         elif device is not None and not _same_device(torch.device(device), images.device):
             raise ValueError(f"images live on {images.device}, not on {device}")
         n = images.num_images
-        if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} outside 0..{world_size - 1}")
-        if drop_last and batch_size * world_size > n:
-            per_rank = n // world_size
-            raise DataError(f"batch size {batch_size} is larger than the dataset ({n} images"
-                            + (f" over {world_size} ranks" if world_size > 1 else "")
-                            + f"): use --batch-size {per_rank} or less")
-        if not drop_last and world_size > 1:
-            raise DataError("drop_last=False is only supported with one rank (ranks must see "
-                            "equal batch counts)")
+        check_batching(n, batch_size, rank, world_size, drop_last)
         self.images, self.augment, self.device = images, augment, images.device
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), drop_last
@@ -760,8 +750,7 @@ class ResidentTwoViewLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        n, b = self.num_images, self.batch_size * self.world_size
-        return n // b if self.drop_last else -(-n // b)
+        return count_batches(self.num_images, self.batch_size, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -785,9 +774,8 @@ class ResidentTwoViewLoader:
 
     def batch(self, plan: _Epoch, batch_index: int, skipped_files=()) -> dict[str, Any]:
         """This rank's part of global batch `batch_index` of `plan`'s epoch."""
-        n, b = self.num_images, self.batch_size
-        lo = (batch_index * self.world_size + self.rank) * b
-        hi = min(lo + b, n)
+        lo, hi = rank_slice(batch_index, self.batch_size, self.rank, self.world_size,
+                            self.num_images)
         info = self.images.table.index_select(0, plan.order[lo:hi])      # (b, 7)
         image_hw, stored_hw = info[:, 3:5], info[:, 5:7]
         dtype = self.renderer.dtype

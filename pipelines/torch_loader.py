@@ -51,6 +51,39 @@ def sample_rng(seed: int, epoch: int, position: int) -> random.Random:
     return random.Random(_mix(seed, epoch, position, 0x5A3D))
 
 
+# ------------------------------------------------ batching rules shared by every loader (dali,
+# resident): the same checks, batch count and rank slice, so they visit an epoch identically.
+
+def check_batching(num_images: int, batch_size: int, rank: int, world_size: int,
+                   drop_last: bool) -> None:
+    """One-line DataError for a batch size / rank layout the data cannot serve."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} outside 0..{world_size - 1}")
+    if drop_last and batch_size * world_size > num_images:
+        per_rank = num_images // world_size
+        raise DataError(f"batch size {batch_size} is larger than the dataset ({num_images} images"
+                        + (f" over {world_size} ranks" if world_size > 1 else "")
+                        + f"): use --batch-size {per_rank} or less")
+    if not drop_last and world_size > 1:
+        raise DataError("drop_last=False is only supported with one rank (ranks must see "
+                        "equal batch counts)")
+
+
+def count_batches(num_images: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Global batches per epoch: the final partial one is dropped unless drop_last=False."""
+    b = batch_size * world_size
+    return num_images // b if drop_last else -(-num_images // b)
+
+
+def rank_slice(batch_index: int, batch_size: int, rank: int, world_size: int,
+               num_images: int) -> tuple[int, int]:
+    """Positions [lo, hi) of the epoch order that form this rank's part of a global batch."""
+    lo = (batch_index * world_size + rank) * batch_size
+    return lo, min(lo + batch_size, num_images)
+
+
 class _EpochSamples(Dataset):
     """Maps a key (epoch, position, index) to one augmented sample (runs in the workers)."""
 
@@ -111,10 +144,8 @@ class _EpochBatchKeys:
         return max(0, self.stop_batch - self.start_batch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
-        b, n = self.batch_size, len(self.order)
         for k in range(self.start_batch, self.stop_batch):
-            lo = (k * self.world_size + self.rank) * b
-            hi = min(lo + b, n)
+            lo, hi = rank_slice(k, self.batch_size, self.rank, self.world_size, len(self.order))
             yield [(self.epoch, pos, idx, k)
                    for pos, idx in zip(range(lo, hi), self.order[lo:hi].tolist())]
 
@@ -157,19 +188,7 @@ class TwoViewLoader:
                  seed: int = 0, drop_last: bool = True, pin_memory: bool | str = "auto",
                  device: torch.device | str | None = None, prefetch_factor: int = 2,
                  rank: int = 0, world_size: int = 1):
-        n = len(dataset)
-        if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} outside 0..{world_size - 1}")
-        if drop_last and batch_size * world_size > n:
-            per_rank = n // world_size
-            raise DataError(f"batch size {batch_size} is larger than the dataset ({n} images"
-                            + (f" over {world_size} ranks" if world_size > 1 else "")
-                            + f"): use --batch-size {per_rank} or less")
-        if not drop_last and world_size > 1:
-            raise DataError("drop_last=False is only supported with one rank (ranks must see "
-                            "equal batch counts)")
+        check_batching(len(dataset), batch_size, rank, world_size, drop_last)
         if workers < 0:
             raise DataError(f"workers must be >= 0, got {workers}")
         self.dataset, self.augment = dataset, augment
@@ -187,8 +206,7 @@ class TwoViewLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        n, b = len(self.dataset), self.batch_size * self.world_size
-        return n // b if self.drop_last else -(-n // b)
+        return count_batches(len(self.dataset), self.batch_size, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
