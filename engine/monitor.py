@@ -87,7 +87,8 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
         high = low + 1.0
     raw = (high - low) / count
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), default=raw)
+    # the round step closest to span/count (the smallest one above it can leave only two ticks)
+    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10)), key=lambda c: abs(c - raw))
     first = math.ceil(low / step) * step
     ticks, value = [], first
     while value <= high + 1e-9 * step:
