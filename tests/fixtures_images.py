@@ -146,3 +146,18 @@ def write_size_variety_folder(root: Path, n: int = 64, seed: int = 0) -> Path:
         h, w = (int(v) for v in rng.integers(12, 90, size=2))
         noise_image(1000 + k, h, w).save(root / f"v{k:03d}.png")
     return root
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    """Two lists of loader batches are identical: same keys, dtypes and bits, equal non-tensors."""
+    import torch
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                assert x[k].dtype == y[k].dtype
+                torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
+            else:
+                assert x[k] == y[k]

@@ -82,18 +82,6 @@ def _with(pair: TwoViewAugment, **changes) -> TwoViewAugment:
                           dataclasses.replace(pair.view2, **changes))
 
 
-def _same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            if isinstance(x[k], torch.Tensor):
-                assert x[k].dtype == y[k].dtype
-                torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
-            else:
-                assert x[k] == y[k]
-
-
 # ----------------------------------------------------------------------------- import guard
 
 def test_module_imports_without_dali_and_the_loader_says_how_to_get_it(tmp_path):
@@ -301,7 +289,7 @@ def test_batch_contract_order_and_partial_batch_policy(tmp_path):
     assert len(keep) == 3 and [len(bb["index"]) for bb in kept] == [5, 5, 2]
     assert kept[2]["view2"].shape == (2, 3, S, S) and kept[2]["boxes"].shape == (2, 2, 4)
     assert sorted(torch.cat([bb["index"] for bb in kept]).tolist()) == list(range(12))
-    _same_batches(kept[:2], batches)   # dropping the tail changes nothing before it
+    fx.assert_same_batches(kept[:2], batches)   # dropping the tail changes nothing before it
 
 
 @requires_dali
@@ -549,7 +537,7 @@ def test_a_file_only_dali_cannot_read_is_handed_to_pillow(tmp_path, monkeypatch)
     batches = list(loader.epoch_batches(0))
     odd = ImageFolder(str(root)).paths.index(str(root / "odd.jpg"))
     assert loader._routes[odd] == dali_module.ROUTE_PILLOW
-    _same_batches(batches, reference)
+    fx.assert_same_batches(batches, reference)
 
 
 @requires_dali
@@ -593,9 +581,9 @@ def test_stream_resume_and_determinism(tmp_path):
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     per_epoch = [list(loader.epoch_batches(e)) for e in range(2)]
     expected = [b for epoch in per_epoch for b in epoch]
-    _same_batches(list(itertools.islice(loader.stream(0, 0), len(expected))), expected)
-    _same_batches(list(itertools.islice(loader.stream(0, 2), 3)), expected[2:5])
-    _same_batches(list(loader.epoch_batches(1, start_batch=1)), per_epoch[1][1:])
+    fx.assert_same_batches(list(itertools.islice(loader.stream(0, 0), len(expected))), expected)
+    fx.assert_same_batches(list(itertools.islice(loader.stream(0, 2), 3)), expected[2:5])
+    fx.assert_same_batches(list(loader.epoch_batches(1, start_batch=1)), per_epoch[1][1:])
     assert list(loader.epoch_batches(0, start_batch=3)) == []
     assert next(loader.stream(0, 3))["epoch"] == 1   # the end of an epoch resumes at the next
     other = next(iter(DaliTwoViewLoader(ds, aug, batch_size=4, seed=12).epoch_batches(0)))

@@ -283,18 +283,6 @@ def test_view_augment_rejects_bad_settings():
 
 # ----------------------------------------------------------------------------- the loader
 
-def _same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            if isinstance(x[k], torch.Tensor):
-                assert x[k].dtype == y[k].dtype
-                torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
-            else:
-                assert x[k] == y[k]
-
-
 def test_batch_contract(tmp_path):
     ds = ImageFolder(str(fx.write_class_folder(tmp_path / "data")))
     loader = TwoViewLoader(ds, TwoViewAugment.sim(size=S), batch_size=5, workers=0, seed=0)
@@ -334,11 +322,11 @@ def test_determinism_across_workers_and_resume(tmp_path):
     serial = TwoViewLoader(ds, aug, batch_size=4, workers=0, seed=11)
     parallel = TwoViewLoader(ds, aug, batch_size=4, workers=2, seed=11)
     e0 = list(serial.epoch_batches(0))
-    _same_batches(e0, list(parallel.epoch_batches(0)))
-    _same_batches(e0, list(TwoViewLoader(ds, aug, 4, seed=11).epoch_batches(0)))
+    fx.assert_same_batches(e0, list(parallel.epoch_batches(0)))
+    fx.assert_same_batches(e0, list(TwoViewLoader(ds, aug, 4, seed=11).epoch_batches(0)))
     # resuming mid-epoch gives exactly the remaining batches, whatever the worker count
-    _same_batches(e0[1:], list(parallel.epoch_batches(0, start_batch=1)))
-    _same_batches(e0[2:], list(serial.epoch_batches(0, start_batch=2)))
+    fx.assert_same_batches(e0[1:], list(parallel.epoch_batches(0, start_batch=1)))
+    fx.assert_same_batches(e0[2:], list(serial.epoch_batches(0, start_batch=2)))
     assert list(serial.epoch_batches(0, start_batch=3)) == []
     with pytest.raises(ValueError):
         serial.epoch_batches(0, start_batch=4)

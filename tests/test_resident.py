@@ -509,18 +509,6 @@ def test_batched_colour_pipeline_matches_per_sample_reference(compact):
 
 # ----------------------------------------------------------------------------- the loader
 
-def _same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            if isinstance(x[k], torch.Tensor):
-                assert x[k].dtype == y[k].dtype
-                torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
-            else:
-                assert x[k] == y[k]
-
-
 @pytest.fixture()
 def class_images(tmp_path):
     return ResidentImages(ImageFolder(str(fx.write_class_folder(tmp_path / "data"))), CPU)
@@ -563,19 +551,19 @@ def test_determinism_resume_and_the_torch_loaders_order(class_images):
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     loader = ResidentTwoViewLoader(class_images, aug, batch_size=4, seed=11)
     e0 = list(loader.epoch_batches(0))
-    _same_batches(e0, list(loader.epoch_batches(0)))
-    _same_batches(e0, list(ResidentTwoViewLoader(class_images, aug, 4, seed=11)
+    fx.assert_same_batches(e0, list(loader.epoch_batches(0)))
+    fx.assert_same_batches(e0, list(ResidentTwoViewLoader(class_images, aug, 4, seed=11)
                            .epoch_batches(0)))
-    _same_batches(e0[1:], list(loader.epoch_batches(0, start_batch=1)))
-    _same_batches(e0[2:], list(loader.epoch_batches(0, start_batch=2)))
+    fx.assert_same_batches(e0[1:], list(loader.epoch_batches(0, start_batch=1)))
+    fx.assert_same_batches(e0[2:], list(loader.epoch_batches(0, start_batch=2)))
     assert list(loader.epoch_batches(0, start_batch=3)) == []
     with pytest.raises(ValueError):
         loader.epoch_batches(0, start_batch=4)
     # the stream is the epochs back to back, and resumes mid-epoch exactly
     per_epoch = [e0] + [list(loader.epoch_batches(e)) for e in (1, 2)]
     expected = [b for epoch in per_epoch for b in epoch]
-    _same_batches(expected, list(itertools.islice(loader.stream(0, 0), len(expected))))
-    _same_batches(expected[4:7], list(itertools.islice(loader.stream(1, 1), 3)))
+    fx.assert_same_batches(expected, list(itertools.islice(loader.stream(0, 0), len(expected))))
+    fx.assert_same_batches(expected[4:7], list(itertools.islice(loader.stream(1, 1), 3)))
     # the same image order as the torch loader, batch for batch
     reference = TwoViewLoader(class_images.dataset, aug, batch_size=4, seed=11)
     for epoch in range(2):
