@@ -1,4 +1,7 @@
-"""Training end to end on the PyTorch path: the loss falls on real images; resume is exact."""
+"""Training end to end on the PyTorch path: the loss falls on real images; resume is exact.
+
+Resume and accumulation run on the embedded photos (data=None), so they never skip on a clone
+without ../shared/data; the loss-falls check uses CIFAR-10 when it is there."""
 from __future__ import annotations
 
 import json
@@ -35,13 +38,12 @@ def test_loss_falls_over_30_steps_on_cifar(cifar_train_subset, tmp_path):
     assert (result["out"] / "loss_curve.png").stat().st_size > 1000
 
 
-def test_resume_gives_identical_parameters(cifar_train_subset, tmp_path):
+def test_resume_gives_identical_parameters(tmp_path):
     cfg = dict(steps=20, batch_size=16, checkpoint_every=5)
     straight = pretrain(tiny_run_config(**cfg), RunOptions(out=tmp_path / "straight",
-                                                          data=str(cifar_train_subset),
                                                           device="cpu", fused=False, quiet=True))
     first = pretrain(tiny_run_config(**cfg), RunOptions(out=tmp_path / "split",
-                                                       data=str(cifar_train_subset), device="cpu",
+                                                       device="cpu",
                                                        fused=False, quiet=True, stop_after=10))
     assert first["step"] == 10
     saved = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
@@ -49,9 +51,9 @@ def test_resume_gives_identical_parameters(cifar_train_subset, tmp_path):
             "rng"} <= saved.keys()
     assert saved["step"] == 10 and saved["schedule"]["total_steps"] == 20
     assert any(k.startswith("target_encoder.") for k in saved["model"])  # the EMA branch too
-    assert saved["data_position"] == {"epoch": 0, "batch": 10}
+    # 47 photos make 2 batches of 16 per epoch: 10 steps end after epoch 4, batch 2 (exclusive).
+    assert saved["data_position"] == {"epoch": 4, "batch": 2}
     resumed = pretrain(tiny_run_config(**cfg), RunOptions(out=tmp_path / "split",
-                                                         data=str(cifar_train_subset),
                                                          device="cpu", fused=False, quiet=True,
                                                          resume=True))
     assert resumed["step"] == 20
@@ -62,8 +64,7 @@ def test_resume_gives_identical_parameters(cifar_train_subset, tmp_path):
     assert losses(straight["out"]) == losses(resumed["out"])
 
 
-def test_accumulation_builds_F_over_the_whole_accumulated_batch(cifar_train_subset, tmp_path,
-                                                                 monkeypatch):
+def test_accumulation_builds_F_over_the_whole_accumulated_batch(tmp_path, monkeypatch):
     """spec §6.4: with accum micro-batches, every micro-batch's loss uses F from all of them."""
     import engine.trainer as trainer
     from kernels import unigrad_covariance
@@ -77,7 +78,7 @@ def test_accumulation_builds_F_over_the_whole_accumulated_batch(cifar_train_subs
 
     monkeypatch.setattr(trainer, "unigrad_loss", spy)
     pretrain(tiny_run_config(steps=2, batch_size=8, accum=3),
-             RunOptions(out=tmp_path / "accum", data=str(cifar_train_subset), device="cpu",
+             RunOptions(out=tmp_path / "accum", device="cpu",
                         fused=False, quiet=True))
     assert len(calls) == 6
     for step in range(2):
