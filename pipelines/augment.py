@@ -1,10 +1,11 @@
-"""Two-view augmentation of the SIM recipe (spec/SIM.md §1.1) on PIL images, without torchvision.
+"""Two-view augmentation on PIL images, no torchvision: SIM's recipe (spec/SIM.md §1.1) and others.
 
-Per view, in this order: RandomResizedCrop (torchvision's sampler) → crop+resize (Pillow, bicubic)
-→ horizontal flip → ColorJitter with probability `jitter_p` (torchvision semantics, random order
-of the four factors) → grayscale with probability `grayscale_p` → Gaussian blur with probability
-`blur_p`, σ ~ U(blur_sigma) → solarize with probability `solarize_p` → float CHW in [0, 1] →
-normalise (ImageNet mean/std). Every step is switched off by setting its probability to 0.
+Per view, in this order: RandomResizedCrop (torchvision's sampler) → crop+resize (Pillow, the
+view's interpolation) → horizontal flip → ColorJitter with probability `jitter_p` (torchvision
+semantics, random order of the four factors) → grayscale with probability `grayscale_p` → Gaussian
+blur with probability `blur_p`, σ ~ U(blur_sigma) → solarize with probability `solarize_p` → float
+CHW in [0, 1] → normalise (ImageNet mean/std). Every step is switched off by setting its
+probability to 0.
 
 Geometry convention (DESIGN.md): a view is `resize(crop(image, box))`, mirrored left-right
 afterwards if its flip flag is set; `box = (y, x, h, w)` is in pixels of the original, unflipped
@@ -13,6 +14,11 @@ image. Output pixel (r, c) of an S×S view samples source row `y + (r+½)·h/S �
 exactly this mapping. The SIM reference flips before cropping; because the crop sampler is
 mirror-symmetric, sampling the box on the unflipped image and flipping the result is the same
 distribution.
+
+Named recipes (`AUGMENTATIONS`, `augment_recipe(name, size, ...)`): "sim" (the default, SIM's =
+BYOL's asymmetric pair, bicubic), "byol" (the same table under BYOL's name) and "mocov2" (MoCo v2 /
+DenseCL: both views alike, crop scale (0.2, 1), bilinear, blur p 0.5, no solarize).
+`recipe_augment(...)` is the "sim" recipe, as before.
 
 All randomness comes from the `random.Random` passed in, so a view is a pure function of
 (image, augmentation config, rng state). Parameters are drawn first (`sample_params`, cheap, no
@@ -353,3 +359,88 @@ def recipe_augment(size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
     """The SIM two-view recipe at `size` (what the engine builds from its config)."""
     return TwoViewAugment.sim(size=size, scale=scale, ratio=ratio, interpolation=interpolation,
                               colour=colour, blur=blur)
+
+
+# ----------------------------------------------------------------------------- named recipes
+#
+# Each recipe is (crop defaults, view 1, view 2): every ViewAugment field a recipe sets is written
+# out, so a recipe reads like its paper's table. All three loaders (torch, DALI, resident) read
+# these fields generically; tests/test_augment_recipes.py checks that each honours each recipe.
+
+_BYOL_VIEW1 = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+                   hue=0.1, grayscale_p=0.2, blur_p=1.0, blur_sigma=(0.1, 2.0), solarize_p=0.0)
+_BYOL_VIEW2 = dict(_BYOL_VIEW1, blur_p=0.1, solarize_p=0.2)
+_MOCOV2_VIEW = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
+                    hue=0.1, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), solarize_p=0.0)
+
+
+class _Recipe(NamedTuple):
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    interpolation: str
+    view1: dict
+    view2: dict
+    source: str
+
+
+_RECIPES: dict[str, _Recipe] = {
+    # SIM (spec/SIM.md §1.1) takes BYOL's asymmetric pair unchanged: the masked online view 1 is
+    # always blurred and never solarized, the target view 2 blurred with p 0.1, solarized with 0.2.
+    "sim": _Recipe((0.08, 1.0), (3 / 4, 4 / 3), "bicubic", _BYOL_VIEW1, _BYOL_VIEW2,
+                   "SIM spec (spec/SIM.md §1.1): BYOL's asymmetric pair, bicubic"),
+    # BYOL (Grill et al. 2020, appendix B, table 6): RandomResizedCrop (0.08, 1) resized with
+    # bicubic interpolation, flip 0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale
+    # 0.2, Gaussian blur σ ∈ [0.1, 2] with p 1.0 / 0.1, solarize p 0.0 / 0.2. PixPro's
+    # "--aug BYOL --crop 0.08" (contrast/data/transform.py) uses the same table but resizes with
+    # its RandomResizedCropCoord's default BILINEAR: augment_recipe("byol", ...,
+    # interpolation="bilinear") reproduces it exactly.
+    "byol": _Recipe((0.08, 1.0), (3 / 4, 4 / 3), "bicubic", _BYOL_VIEW1, _BYOL_VIEW2,
+                    "BYOL paper appendix B (asymmetric blur/solarize), bicubic"),
+    # MoCo v2 (Chen et al. 2020, "Improved baselines...", moco/main_moco.py `--aug-plus`), also
+    # DenseCL's (configs/selfsup/densecl/*.py): both views from the same distribution:
+    # RandomResizedCrop(scale=(0.2, 1)) with torchvision's default BILINEAR, ColorJitter(0.4, 0.4,
+    # 0.4, 0.1) with p 0.8, RandomGrayscale 0.2, GaussianBlur σ ∈ [0.1, 2] (PIL's, as here) with
+    # p 0.5, horizontal flip 0.5, no solarize. MoCo flips last, after the blur; every colour step
+    # and the blur commute with a horizontal mirror, so flipping right after the crop (as every
+    # loader here does) is the same distribution.
+    "mocov2": _Recipe((0.2, 1.0), (3 / 4, 4 / 3), "bilinear", _MOCOV2_VIEW, _MOCOV2_VIEW,
+                      "MoCo v2 (moco/main_moco.py --aug-plus; DenseCL), symmetric, bilinear"),
+}
+
+AUGMENTATIONS = tuple(_RECIPES)
+"""The names `augment_recipe` accepts: ("sim", "byol", "mocov2")."""
+
+
+def augmentation_source(name: str) -> str:
+    """One line saying where recipe `name` comes from (for the run's log)."""
+    return _recipe(name).source
+
+
+def _recipe(name: str) -> _Recipe:
+    if name not in _RECIPES:
+        raise ValueError(f"unknown augmentation {name!r}: use one of {', '.join(AUGMENTATIONS)}")
+    return _RECIPES[name]
+
+
+def augment_recipe(name: str, size: int = 224, scale: tuple[float, float] | None = None,
+                   ratio: tuple[float, float] | None = None, blur: bool = True,
+                   interpolation: str | None = None, colour: bool = True,
+                   normalize: bool = True) -> TwoViewAugment:
+    """The named two-view recipe ("sim", "byol" or "mocov2", see AUGMENTATIONS) at `size`.
+
+    scale / ratio / interpolation: None keeps the recipe's own (sim, byol: (0.08, 1), bicubic;
+    mocov2: (0.2, 1), bilinear; all: ratio (3/4, 4/3)). blur=False switches the Gaussian blur off
+    in both views (as usual for CIFAR-sized images); colour=False every colour step (crops and
+    flips only: the same geometry for a given seed). An unknown name is a one-line ValueError.
+    `augment_recipe("sim", ...)` equals `recipe_augment(...)`.
+    """
+    recipe = _recipe(name)
+    common = dict(size=size, scale=recipe.scale if scale is None else scale,
+                  ratio=recipe.ratio if ratio is None else ratio,
+                  interpolation=recipe.interpolation if interpolation is None else interpolation,
+                  normalize=normalize)
+    views = [ViewAugment(**common, **recipe.view1), ViewAugment(**common, **recipe.view2)]
+    if not blur:
+        views = [dataclasses.replace(v, blur_p=0.0) for v in views]
+    pair = TwoViewAugment(*views)
+    return pair if colour else pair.geometry_only()
