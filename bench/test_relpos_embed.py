@@ -38,7 +38,7 @@ CPU_BATCH = 2
 
 
 def _reference_queries(rel, weight, bias, mask_token):
-    """What engine/models/sim.py does today: the fp32 table, cast, Linear, plus the mask token."""
+    """What engine/methods/sim.py does today: the fp32 table, cast, Linear, plus the mask token."""
     table = rk.relpos_embed_reference(rel, GRID, DIM)
     return mask_token + F.linear(table.to(weight.dtype), weight, bias)
 

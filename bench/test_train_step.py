@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from engine.fused import choose_kernels
-from engine.models.sim import SIM
+from engine.methods.sim import SIM
 from engine.presets import preset_config
 from engine.stage_timer import StageTimer
 from engine.trainer import (
@@ -137,7 +137,7 @@ def test_sim_train_step(benchmark, bench_device, sync, device_ceilings, variant,
                 stages("data_wait")
         else:
             batch = resident
-        loss, _ = optimisation_step(session, [batch], step[0], 0.996, stages=stages)
+        loss, _, _ = optimisation_step(session, [batch], step[0], 0.996, stages=stages)
         step[0] += 1
         sync()
         return loss
@@ -206,11 +206,12 @@ def test_stage_hook_changes_nothing():
 
     plain, plain_state = train()
     timed, timed_state = train(stages=marks.append)
-    for (loss_a, norm_a), (loss_b, norm_b) in zip(plain, timed):
+    for (loss_a, norm_a, _), (loss_b, norm_b, _) in zip(plain, timed):
         assert torch.equal(loss_a, loss_b) and torch.equal(norm_a, norm_b)
     assert all(torch.equal(plain_state[k], timed_state[k]) for k in plain_state)
     per_micro = ["online_forward", "loss", "backward"]
-    assert marks == 2 * (["ema", "target_forward", "loss"] + 2 * per_micro + ["optimizer"])
+    assert marks == 2 * (["ema", "target_forward", "loss"] + 2 * per_micro
+                         + ["queue", "optimizer"])
     assert set(marks) <= set(STAGES)
 
     timer = StageTimer("cpu")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from engine.presets import PretrainConfig
-from pipelines.augment import recipe_augment
+from pipelines.augment import augment_recipe
 from pipelines.datasets import DataError, resolve_source
 from pipelines.torch_loader import TwoViewLoader
 
@@ -34,8 +34,8 @@ def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device, ra
     loader asked for explicitly cannot run here. `auto` with `fused=False` (`--no-fused`, the
     reference path) is the torch loader."""
     dataset = resolve_source(data)
-    augment = recipe_augment(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                             blur=cfg.blur)
+    augment = augment_recipe(cfg.augmentation, cfg.img_size, scale=cfg.crop_scale,
+                             ratio=cfg.crop_ratio, blur=cfg.blur, interpolation=cfg.interpolation)
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
     kind, notes = cfg.loader, []
     if kind == "auto" and not _auto_prefers_fast_loaders(device, fused):

@@ -56,6 +56,7 @@ __all__ = [
     "random_mask",
     "make_mask",
     "visible_indices",
+    "mask_generator",
     "num_masked_for_grid",
     "MASK_KINDS",
 ]
@@ -382,3 +383,13 @@ def num_masked_for_grid(grid: int, ratio: float = _RECIPE_RATIO) -> int:
     if ratio == _RECIPE_RATIO:
         return (2 * n * 118 + 196) // (2 * 196)  # exact integer arithmetic, half up
     return min(n, math.floor(round(n * ratio, 9) + 0.5))
+
+
+def mask_generator(seed: int, rank: int, step: int, micro: int,
+                   device: Union[str, torch.device, None] = None) -> torch.Generator:
+    """The generator of the mask drawn at (rank, optimiser step, micro-batch): masks are
+    reproducible across resumes for free, differ between steps, micro-batches and ranks. (Python
+    hashes tuples of ints deterministically.)"""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(hash((seed, rank, step, micro)) % (2 ** 63))
+    return generator

@@ -1,8 +1,16 @@
 """Run configurations: one dataclass holding every knob, and the named presets.
 
-`sim-vit-b16` is the released SIM recipe (spec/SIM.md §0.1, §7); the others scale it down.
+A run is a method (engine/methods/) on a backbone (ViT or ResNet) with a data recipe and an
+optimiser. The fields shared by every method live here; a method's own hyperparameters (queue
+length, temperature, λ, ...) are its `Hyper` dataclass, overridden through `method_args`
+(`--method-arg KEY=VALUE`). SIM's fields predate that and stay flat (neg_weight, loss_form,
+mask_kind, decoder sizes).
+
+`sim-vit-b16` is the released SIM recipe (spec/SIM.md §0.1, §7); `<method>-r50` presets are each
+dense method's published ResNet-50 recipe; `<method>-demo-cpu` (what `--method NAME` alone runs,
+on the embedded photos) and `<method>-r18-cifar-cpu` (CIFAR-10 on 2 CPU cores) scale them down.
 The effective batch is `batch_size × accum` (per optimiser step); the learning rate follows the
-recipe's linear scaling rule lr = blr × effective_batch / 256.
+linear scaling rule lr = blr × global batch / 256.
 """
 from __future__ import annotations
 
@@ -11,6 +19,8 @@ from dataclasses import dataclass, field
 
 
 LOADERS = ("auto", "torch", "dali", "resident")
+BACKBONES = ("vit", "resnet18", "resnet50")
+EMA_SCHEDULES = ("cosine", "constant")
 
 
 class ConfigError(ValueError):
@@ -19,7 +29,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class PretrainConfig:
-    # model
+    # the objective (engine/methods/<method>.py) and its own hyperparameters (its Hyper dataclass)
+    method: str = "sim"
+    method_args: dict = field(default_factory=dict)
+    # backbone: "vit" (the fields below), "resnet18" or "resnet50" (torchvision layout)
+    backbone: str = "vit"
+    cifar_stem: bool = False          # ResNet: 3x3 stride-1 stem, no max-pool (32 px images)
+    zero_init_residual: bool = False  # ResNet: last BN of every block starts at 0
+    # model (ViT backbone; decoder_* and the depths are SIM's)
     img_size: int = 224
     patch_size: int = 16
     dim: int = 768
@@ -49,13 +66,20 @@ class PretrainConfig:
     warmup_steps: int | None = None   # overrides warmup_epochs when set
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float = 1.0
-    momentum: float = 0.995           # EMA start; cosine to 1.0
-    optimizer: str = "adamw"          # "adamw" (torch fused) or "lamb" (needs NVIDIA apex)
+    clip_grad: float = 1.0            # global grad-norm clip; 0 = off (MoCo, DenseCL, PixPro)
+    momentum: float = 0.995           # EMA start
+    ema_schedule: str = "cosine"      # cosine: m -> 1 over the run (SIM, BYOL, PixPro); constant (MoCo)
+    optimizer: str = "adamw"          # adamw (torch fused), sgd, lars, or lamb (needs NVIDIA apex)
+    sgd_momentum: float = 0.9         # SGD / LARS momentum
+    lars_trust: float = 1e-3          # LARS trust coefficient η
+    weight_decay_filter: str = "bias_norm"  # bias_norm: none on biases/norms; none: decay on all
     precision: str = "auto"           # auto: bf16 on CUDA, fp32 on CPU; or bf16 / fp16 / fp32
-    # augmentation (both views; colour settings follow the recipe per view)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    # augmentation: a named two-view recipe (pipelines/augment.py: sim, byol, mocov2); crop scale
+    # and interpolation default to the recipe's own when None
+    augmentation: str = "sim"
+    crop_scale: tuple[float, float] | None = None
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str | None = None
     blur: bool = True
     # data: which two-view pipeline feeds the run (see engine/loaders.py)
     loader: str = "auto"              # auto, torch (Pillow workers), dali, resident (decoded once,
@@ -73,6 +97,7 @@ class PretrainConfig:
 
     @property
     def grid(self) -> int:
+        """The ViT's patch grid (SIM's masking grid)."""
         return self.img_size // self.patch_size
 
     @property
@@ -88,27 +113,66 @@ class PretrainConfig:
         return self.blr * self.effective_batch / 256
 
     def validate(self) -> "PretrainConfig":
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"image size {self.img_size} is not a multiple of the patch size "
-                              f"{self.patch_size}")
-        if self.dim % 4 or self.decoder_dim % 4:
-            raise ConfigError("encoder and decoder widths must be multiples of 4 (sin-cos tables)")
-        if not 0 < self.num_masked < self.grid ** 2:
-            raise ConfigError(f"mask ratio {self.mask_ratio} leaves no visible or no masked patch "
-                              f"on a {self.grid}x{self.grid} grid")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"unknown backbone {self.backbone!r}: use {', '.join(BACKBONES)}")
+        if self.backbone == "vit":
+            if self.img_size % self.patch_size:
+                raise ConfigError(f"image size {self.img_size} is not a multiple of the patch "
+                                  f"size {self.patch_size}")
+            if self.dim % 4 or self.decoder_dim % 4:
+                raise ConfigError("encoder and decoder widths must be multiples of 4 (sin-cos "
+                                  "tables)")
+            if self.dim % self.heads:
+                raise ConfigError(f"ViT width {self.dim} is not divisible by {self.heads} heads")
+        else:
+            stride = 8 if self.cifar_stem else 32
+            if self.img_size < stride or self.img_size % stride:
+                raise ConfigError(f"a {self.backbone}{' with the CIFAR stem' if self.cifar_stem else ''}"
+                                  f" needs an image size that is a multiple of {stride}, got "
+                                  f"{self.img_size}")
+        if self.method == "sim":
+            if self.backbone != "vit":
+                raise ConfigError(f"SIM masks ViT patches: use --backbone vit (got "
+                                  f"{self.backbone})")
+            if not 0 < self.num_masked < self.grid ** 2:
+                raise ConfigError(f"mask ratio {self.mask_ratio} leaves no visible or no masked "
+                                  f"patch on a {self.grid}x{self.grid} grid")
         if self.batch_size < 1 or self.accum < 1:
             raise ConfigError("--batch-size and --accum must be at least 1")
         if self.batch_size < 2:
-            raise ConfigError("--batch-size must be at least 2: the projector's BatchNorm needs "
-                              "more than one image")
+            raise ConfigError("--batch-size must be at least 2: BatchNorm needs more than one "
+                              "image")
         if self.mask_kind not in ("block", "random"):
             raise ConfigError(f"unknown mask kind {self.mask_kind!r}: use block or random")
         if self.loss_form not in ("dense", "paper"):
             raise ConfigError(f"unknown loss form {self.loss_form!r}: use dense or paper")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"unknown precision {self.precision!r}: use auto, bf16, fp16 or fp32")
-        if self.optimizer not in ("adamw", "lamb"):
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}: use adamw or lamb")
+        if self.optimizer not in ("adamw", "sgd", "lars", "lamb"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}: use adamw, sgd, lars or "
+                              f"lamb")
+        if self.weight_decay_filter not in ("bias_norm", "none"):
+            raise ConfigError(f"unknown weight-decay filter {self.weight_decay_filter!r}: use "
+                              f"bias_norm or none")
+        if self.ema_schedule not in EMA_SCHEDULES:
+            raise ConfigError(f"unknown EMA schedule {self.ema_schedule!r}: use "
+                              f"{', '.join(EMA_SCHEDULES)}")
+        if not 0 <= self.momentum <= 1:
+            raise ConfigError(f"--momentum (EMA) must be in [0, 1], got {self.momentum}")
+        if self.clip_grad < 0:
+            raise ConfigError("--clip-grad must be >= 0 (0: no clipping)")
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got "
+                              f"{self.crop_scale}")
+        from pipelines.augment import AUGMENTATIONS, INTERPOLATIONS
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {self.augmentation!r}: use "
+                              f"{', '.join(AUGMENTATIONS)}")
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"unknown interpolation {self.interpolation!r}: use "
+                              f"{', '.join(INTERPOLATIONS)}")
+        if not isinstance(self.method_args, dict):
+            raise ConfigError("method_args must be a dict of the method's hyperparameters")
         if self.loader not in LOADERS:
             raise ConfigError(f"unknown loader {self.loader!r}: use {', '.join(LOADERS)}")
         if self.eval_every < 0:
@@ -126,8 +190,10 @@ class PretrainConfig:
     def from_dict(cls, values: dict) -> "PretrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in values.items() if k in known})
-        cfg.betas, cfg.crop_scale, cfg.crop_ratio = (tuple(cfg.betas), tuple(cfg.crop_scale),
-                                                    tuple(cfg.crop_ratio))
+        cfg.betas, cfg.crop_ratio = tuple(cfg.betas), tuple(cfg.crop_ratio)
+        if cfg.crop_scale is not None:
+            cfg.crop_scale = tuple(cfg.crop_scale)
+        cfg.method_args = dict(cfg.method_args)
         return cfg
 
 

@@ -15,11 +15,14 @@ import time
 import torch
 
 # The stages in step order. "data_wait" is marked by the caller (the wait for the next batch,
-# before optimisation_step); the others by optimisation_step itself. "online_forward" includes
-# making the mask and the view geometry; "loss" includes F over all targets (unigrad_covariance)
-# and each micro-batch's loss; "optimizer" is unscale, clip, AdamW step and zero_grad.
-STAGES = ("data_wait", "ema", "target_forward", "online_forward", "loss", "backward",
-          "optimizer")
+# before optimisation_step); "ema", "backward", "queue" and "optimizer" by optimisation_step; the
+# others by the method (engine/methods/), each as it ends. "online_forward" includes making SIM's
+# mask and view geometry; "target_forward" the EMA/key network's forward; "matching" the
+# correspondence work of dense methods (feature argmax, geometry); "loss" includes SIM's F over
+# all targets and each micro-batch's loss; "queue" the enqueue of keys (after_step);
+# "optimizer" is unscale, clip, optimiser step and zero_grad.
+STAGES = ("data_wait", "ema", "target_forward", "online_forward", "matching", "loss", "backward",
+          "queue", "optimizer")
 
 
 class StageTimer:

@@ -1,13 +1,14 @@
-"""The SIM training loop. It reads top to bottom: set up, (resume), then one optimiser step at a time.
+"""The training loop, one for every method. It reads top to bottom: set up, (resume), then one
+optimiser step at a time, and knows no method by name (engine/methods/base.py has the contract).
 
-One optimiser step (spec/SIM.md §10), with `accum` micro-batches:
-  1. EMA update of the target branch (before the target forward; a no-op at step 0),
-  2. target forward of every micro-batch's view 2 (no grad), then F = mean t tᵀ over ALL of them
-     (so F covers the whole accumulated batch, spec §6.4),
-  3. per micro-batch: block mask on the device -> online forward -> UniGrad loss with that F ->
-     backward (scaled by 1/accum),
-  4. unscale, clip the global grad norm, fused AdamW step, zero grads.
-Learning rate and momentum are functions of the step, so a resumed run continues exactly.
+One optimiser step, with `accum` micro-batches:
+  1. method.before_step(m): the EMA update of its target networks (before any target forward),
+  2. method.prepare(batches): work over the whole accumulated batch (SIM: every target and one F),
+  3. per micro-batch: method(batch) -> loss, backward of loss / accum (DDP all-reduces the
+     gradients on the last micro-batch only),
+  4. method.after_step(): enqueue the step's keys (all-gathered over ranks),
+  5. unscale, clip the global grad norm (if the recipe clips), optimiser step, zero grads.
+Learning rate and EMA momentum are functions of the step, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -29,14 +30,12 @@ from engine.distributed import ProcessGroupInfo, init_from_environment, mean_ove
 from engine.eval import OnlineKnn
 from engine.fused import choose_kernels
 from engine.loaders import build_loader as choose_loader
-from engine.masking import make_mask, visible_indices
-from engine.models.sim import SIM
+from engine.methods import Method, StepContext, build_method, check_method_config
 from engine.monitor import MetricsLog, ProgressBar, plot_loss_curve
-from engine.presets import ConfigError, PretrainConfig
+from engine.optim import make_optimizer
+from engine.presets import PretrainConfig
 from engine.schedules import ema_momentum, learning_rate
-from kernels import unigrad_covariance, unigrad_loss
 from pipelines.datasets import DataError
-from pipelines.geometry import relative_geometry
 
 
 class RunError(ValueError):
@@ -111,31 +110,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every trainable tensor of ≥2 dims (incl. cls and mask tokens); none on
-    biases and norm weights; frozen tensors (patch embedding, target branch) excluded."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "lamb":
-        try:
-            from apex.optimizers import FusedLAMB  # NVIDIA apex; not on PyPI
-        except ImportError as exc:
-            raise ConfigError("--optimizer lamb needs NVIDIA apex (built from source; the 'apex' "
-                              "package on PyPI is unrelated): use --optimizer adamw") from exc
-        return FusedLAMB(groups, lr=cfg.lr, betas=cfg.betas)
-    # The lr is set every step from the schedule; the value here is only a placeholder.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
-
-
 def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device,
                  group: ProcessGroupInfo, fused: bool = True):
     """The run's two-view loader (engine/loaders.py picks it) and its one-line description."""
@@ -148,17 +122,8 @@ def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device,
     return loader, message
 
 
-def mask_generator(seed: int, rank: int, step: int, micro: int,
-                   device: torch.device) -> torch.Generator:
-    """A generator per (rank, step, micro-batch): masks are reproducible across resumes for free
-    and differ between ranks. (Python hashes tuples of ints deterministically.)"""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(hash((seed, rank, step, micro)) % (2 ** 63))
-    return generator
-
-
-def wrap_data_parallel(model: SIM, device: torch.device, group: ProcessGroupInfo):
-    """The module the online forward goes through: DDP over ranks, else the model itself."""
+def wrap_data_parallel(model: Method, device: torch.device, group: ProcessGroupInfo):
+    """The module the micro-batch losses go through: DDP over ranks, else the method itself."""
     if not group.active:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -170,8 +135,8 @@ def wrap_data_parallel(model: SIM, device: torch.device, group: ProcessGroupInfo
 class StepSession:
     """What one optimiser step needs (built once by `pretrain`; also used by bench/)."""
     cfg: PretrainConfig
-    model: SIM
-    online: torch.nn.Module            # the model, or its DDP wrapper (the online forward)
+    method: Method
+    online: torch.nn.Module            # the method, or its DDP wrapper (the micro-batch losses)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
@@ -185,61 +150,61 @@ class StepSession:
 
 
 def optimisation_step(s: StepSession, batches: list[dict], step: int, momentum: float,
-                      stages=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SIM optimiser step over `accum` micro-batches; returns (loss, grad norm) as tensors
-    (no host sync). The optimiser's lr must already be set for this step.
+                      stages=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One optimiser step over `accum` micro-batches; returns (loss, grad norm, figures) as
+    tensors (no host sync): the loss is the mean of the micro-batch losses, `figures` the
+    method's logged terms averaged likewise. The optimiser's lr must already be set.
 
     `stages` (optional, `stages(name: str) -> None`) is called with a stage's name as each stage
-    ends: "ema", "target_forward", "loss" (F over all targets), then per micro-batch
-    "online_forward" (mask, geometry, forward), "loss", "backward", and last "optimizer" (unscale,
-    clip, AdamW, zero_grad). bench/ passes an `engine.stage_timer.StageTimer`, which synchronises
-    the device at each mark; the default None adds no call and no sync."""
-    cfg, device = s.cfg, s.device
+    ends: "ema", whatever the method marks in prepare (SIM: "target_forward", "loss"), per
+    micro-batch the method's marks (SIM: "online_forward", "loss") and "backward", then "queue"
+    (after_step) and "optimizer" (unscale, clip, step, zero_grad). bench/ passes an
+    `engine.stage_timer.StageTimer`, which synchronises the device at each mark; the default None
+    adds no call and no sync."""
     mark = stages if stages is not None else (lambda stage: None)
-    # Target branch: EMA update first, then all micro-batches' targets and one F over them
-    # (all-reduced over ranks inside unigrad_covariance).
-    s.model.update_target(momentum)
+    method, accum = s.method, len(batches)
+    ctx = StepContext(step=step, micro=0, micro_batches=accum, device=s.device,
+                      backends=s.backends, rank=s.group.rank, world_size=s.group.world_size,
+                      seed=s.cfg.seed, mark=mark)
+    method.before_step(momentum)
     mark("ema")
     with s.autocast():
-        targets = [s.model.forward_target(b["view2"].to(device, non_blocking=True))
-                   for b in batches]
-    mark("target_forward")
-    covariance = unigrad_covariance(torch.cat(targets), form=cfg.loss_form,
-                                    backend=s.backends.get("unigrad_loss", "auto"))
-    mark("loss")
+        prepared = method.prepare(batches, ctx)
 
-    # Online branch, one micro-batch at a time; DDP all-reduces gradients on the last one.
-    step_loss = torch.zeros((), device=device)
-    for micro, (batch, target) in enumerate(zip(batches, targets)):
-        mask = make_mask(cfg.mask_kind, len(batch["view1"]), cfg.grid, cfg.num_masked,
-                         generator=mask_generator(cfg.seed, s.group.rank, step, micro, device),
-                         device=device)
-        visible_idx = visible_indices(mask, num_visible=cfg.grid ** 2 - cfg.num_masked,
-                                      check=False)
-        rel = relative_geometry(batch["boxes"], batch["flips"], batch["image_size"]).to(device)
-        last_micro = micro == len(batches) - 1
+    step_loss = torch.zeros((), device=s.device)
+    figures: dict[str, torch.Tensor] = {}
+    for micro, batch in enumerate(batches):
+        ctx.micro = micro
+        last_micro = micro == accum - 1
         with contextlib.nullcontext() if last_micro or not s.group.active else s.online.no_sync():
             with s.autocast():
-                pred = s.online(batch["view1"].to(device, non_blocking=True), visible_idx, rel,
-                                backends=s.backends)
-            mark("online_forward")
-            loss = unigrad_loss(pred, target, cfg.neg_weight, covariance=covariance,
-                                form=cfg.loss_form, global_weight=cfg.global_weight,
-                                dense_weight=cfg.dense_weight,
-                                backend=s.backends.get("unigrad_loss", "auto")) / len(batches)
-            mark("loss")
+                loss, terms = s.online(batch, ctx, prepared)
+            loss = loss / accum
             s.scaler.scale(loss).backward()
             mark("backward")
         step_loss += loss.detach()
+        for name, value in terms.items():
+            figures[name] = figures.get(name, 0.0) + value.detach().float() / accum
+    method.after_step(ctx)
+    mark("queue")
 
     s.scaler.unscale_(s.optimizer)
     trainable = [p for group in s.optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad, foreach=True)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        trainable, s.cfg.clip_grad if s.cfg.clip_grad > 0 else float("inf"), foreach=True)
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
     mark("optimizer")
-    return step_loss, grad_norm
+    return step_loss, grad_norm, figures
+
+
+def momentum_at(cfg: PretrainConfig, step: int, total_steps: int) -> float:
+    """The EMA momentum of `step`: cosine from cfg.momentum to 1 (SIM, BYOL, PixPro) or constant
+    (MoCo, DenseCL)."""
+    if cfg.ema_schedule == "constant":
+        return cfg.momentum
+    return ema_momentum(step, total_steps, cfg.momentum)
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -251,6 +216,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     if checkpoint is not None:
         cfg = _config_for_resume(checkpoint, run.resume_overrides)
     cfg.validate()
+    check_method_config(cfg)
     device = resolve_device(run.device, group)
     kernels_used = choose_kernels(run.fused, device)
     log(kernels_used.message, quiet)
@@ -266,10 +232,13 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     global_batch = cfg.effective_batch * group.world_size
     peak_lr = cfg.blr * global_batch / 256
     schedule = {"total_steps": total_steps, "warmup_steps": warmup_steps, "peak_lr": peak_lr,
-                "min_lr": cfg.min_lr, "base_momentum": cfg.momentum, "world_size": group.world_size}
+                "min_lr": cfg.min_lr, "base_momentum": cfg.momentum,
+                "ema_schedule": cfg.ema_schedule, "world_size": group.world_size}
 
-    model = SIM(cfg)
-    if group.active and device.type == "cuda":  # SyncBatchNorm runs on CUDA only
+    model = build_method(cfg)
+    # SyncBatchNorm where the method's paper used it (it runs on CUDA only); MoCo-style methods
+    # shuffle the keys' batch instead.
+    if group.active and device.type == "cuda" and model.sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg)
@@ -308,6 +277,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     stream = loader.stream(position["epoch"], position["batch"])
     skipped: set[str] = set()
     interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
+    interval_figures: dict[str, list[torch.Tensor]] = {}
     last_step = start_step
     final_stop = min(total_steps, start_step + run.stop_after if run.stop_after else total_steps)
 
@@ -331,7 +301,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     for step in range(start_step, final_stop):
         step_started = time.perf_counter()
         lr = learning_rate(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-        momentum = ema_momentum(step, total_steps, cfg.momentum)
+        momentum = momentum_at(cfg, step, total_steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
 
@@ -344,7 +314,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                 log(f"skipped unreadable image: {name}", quiet)
         data_wait = time.perf_counter() - step_started
 
-        step_loss, grad_norm = optimisation_step(session, batches, step, momentum)
+        step_loss, grad_norm, figures = optimisation_step(session, batches, step, momentum)
 
         # Bookkeeping: host syncs only at log steps.
         last_step = step + 1
@@ -352,6 +322,8 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         if device.type == "cuda" and log_now:
             torch.cuda.synchronize(device)
         interval_loss.append(step_loss)
+        for name, value in figures.items():
+            interval_figures.setdefault(name, []).append(value)
         interval_images += global_batch
         interval_time += time.perf_counter() - step_started
         interval_wait += data_wait
@@ -362,7 +334,10 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                                f"learning rate (--blr) or use --precision fp32; the last "
                                f"checkpoint in {out} is intact")
             record = {"step": last_step, "epoch": round(last_step / steps_per_epoch, 4),
-                      "loss": mean_loss, "lr": lr, "momentum": momentum,
+                      "loss": mean_loss,
+                      **{name: mean_over_ranks(torch.stack(values).mean(), group).item()
+                         for name, values in interval_figures.items()},
+                      "lr": lr, "momentum": momentum,
                       "grad_norm": float(grad_norm), "img_per_s": interval_images / interval_time,
                       "data_wait": interval_wait / interval_time, "skipped_files": len(skipped),
                       "time": time.time()}
@@ -371,6 +346,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
             if progress:
                 progress.update(last_step, mean_loss, record["img_per_s"], record["data_wait"], lr)
             interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
+            interval_figures = {}
         periodic = (eval_interval and last_step % eval_interval == 0
                     and final_stop - last_step >= eval_interval // 2)  # else the final one covers it
         if monitor and (last_step == final_stop or periodic):
@@ -385,7 +361,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     if group.is_main:
         _save(out, model, optimizer, scaler, cfg, last_step, position, schedule)
         curve = plot_loss_curve(metrics.read(), out / "loss_curve.png",
-                                title=f"SIM pre-training loss ({cfg.preset})")
+                                title=f"{model.name} pre-training loss ({cfg.preset})")
     log(f"done: step {last_step}/{total_steps}; checkpoint {out / CHECKPOINT_NAME}, metrics "
         f"{out / 'metrics.jsonl'}" + (f", plot {curve}" if curve else "")
         + (f"; {len(skipped)} unreadable images skipped" if skipped else ""), quiet)
@@ -398,7 +374,8 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
 def _save(out, model, optimizer, scaler, cfg, step, position, schedule) -> None:
     """Everything a resume needs. The lr and momentum are functions of the step; `schedule`
     records their parameters (total/warm-up steps, peak lr) so a reader can recompute them."""
-    save_checkpoint(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    save_checkpoint(out, {"method": cfg.method, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict(), "config": cfg.to_dict(), "step": step,
                           "schedule": schedule, "data_position": position, "rng": rng_state(),
                           "versions": {"torch": torch.__version__}})

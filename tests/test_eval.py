@@ -35,7 +35,7 @@ from engine.eval import (
     subsample_indices,
 )
 from engine.eval.__main__ import main
-from engine.models.sim import SIM
+from engine.methods.sim import SIM
 from engine.presets import PretrainConfig
 from engine.trainer import seed_everything
 from pipelines.datasets import ImageFolder

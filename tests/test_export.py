@@ -11,7 +11,7 @@ import torch
 from engine.checkpoint import save_checkpoint
 from engine.eval import load_encoder
 from engine.export import encoder_from_timm_state_dict, export_timm_state_dict, main
-from engine.models.sim import SIM
+from engine.methods.sim import SIM
 from engine.presets import PretrainConfig
 from engine.trainer import seed_everything
 

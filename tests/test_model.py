@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from engine.masking import make_mask, visible_indices
-from engine.models.sim import SIM, sim_flops_per_image
+from engine.methods.sim import SIM, sim_flops_per_image
 from engine.presets import PRESETS, PretrainConfig, preset_config
 from engine.schedules import ema_momentum, learning_rate
-from engine.trainer import parameter_groups
+from engine.optim import parameter_groups
 from kernels import absolute_sincos_table
 
 

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.masking import make_mask
+from engine.masking import make_mask, mask_generator
 from engine.presets import PretrainConfig
 from engine.trainer import RunOptions, StepSession, make_optimizer, optimisation_step, pretrain
 from pipelines.augment import recipe_augment
@@ -28,7 +28,6 @@ from pipelines.datasets import sample_photos
 from pipelines.geometry import relative_geometry
 from pipelines.torch_loader import TwoViewLoader
 
-import engine.trainer as trainer_module
 
 
 def tiny_sim(**changes) -> PretrainConfig:
@@ -51,7 +50,7 @@ def photo_batches(cfg: PretrainConfig, count: int, seed: int = 0) -> list[dict]:
 
 
 def sim_session(cfg: PretrainConfig, model_dtype=torch.float32) -> StepSession:
-    from engine.models.sim import SIM
+    from engine.methods.sim import SIM
 
     torch.manual_seed(0)
     model = SIM(cfg).to(model_dtype).train()
@@ -63,7 +62,7 @@ def sim_session(cfg: PretrainConfig, model_dtype=torch.float32) -> StepSession:
 
 
 def mask_seed_generator(cfg: PretrainConfig, step: int, micro: int) -> torch.Generator:
-    return trainer_module.mask_generator(cfg.seed, 0, step, micro, torch.device("cpu"))
+    return mask_generator(cfg.seed, 0, step, micro, torch.device("cpu"))
 
 
 def ema_pairs(model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
@@ -130,24 +129,24 @@ def hand_gradients(model, cfg: PretrainConfig, batches: list[dict], step: int, m
 def test_one_sim_step_equals_a_float64_step_written_from_the_spec():
     cfg = tiny_sim(accum=2)
     session = sim_session(cfg)
-    perturb_targets(session.model)
+    perturb_targets(session.method)
     batches = photo_batches(cfg, 2)
     step, momentum, lr = 3, 0.9, 0.05
     for group in session.optimizer.param_groups:
         group["lr"] = lr
-    before = {name: p.detach().clone() for name, p in session.model.named_parameters()}
-    expected_grads, expected_loss, expected_model = hand_gradients(session.model, cfg, batches,
+    before = {name: p.detach().clone() for name, p in session.method.named_parameters()}
+    expected_grads, expected_loss, expected_model = hand_gradients(session.method, cfg, batches,
                                                                    step, momentum)
     seen = {}
 
     def capture(optimizer, args, kwargs):
-        for name, p in session.model.named_parameters():
+        for name, p in session.method.named_parameters():
             if p.grad is not None:
                 seen[name] = p.grad.detach().clone()
 
     handle = session.optimizer.register_step_pre_hook(capture)
     try:
-        loss, grad_norm = optimisation_step(session, batches, step, momentum)
+        loss, grad_norm, _ = optimisation_step(session, batches, step, momentum)
     finally:
         handle.remove()
 
@@ -160,14 +159,14 @@ def test_one_sim_step_equals_a_float64_step_written_from_the_spec():
         torch.testing.assert_close(seen[name].double(), grad, rtol=1e-4, atol=1e-5 * scale,
                                    msg=f"gradient of {name}")
     # EMA: the target equals the hand-updated one (m·ξ + (1−m)·θ with θ before the step).
-    for name, p_online, p_target in ema_pairs(session.model):
+    for name, p_online, p_target in ema_pairs(session.method):
         hand = dict(expected_model.named_parameters())["target_" + name]
         torch.testing.assert_close(p_target.detach(), hand.detach(), rtol=1e-6, atol=1e-7)
     # AdamW's first step with the lr given: p ← p(1 − lr·wd) − lr·g/(|g| + eps) (bias-corrected
     # moments are g and g² at step 1); no decay on biases, norms and other 1-d tensors.
     decayed = {id(p) for g in session.optimizer.param_groups if g["weight_decay"] > 0
                for p in g["params"]}
-    for name, p in session.model.named_parameters():
+    for name, p in session.method.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p.detach(), before[name]) or name.startswith("target_"), name
             continue
@@ -181,8 +180,8 @@ def test_one_sim_step_equals_a_float64_step_written_from_the_spec():
 def test_ema_target_after_one_step_is_m_xi_plus_one_minus_m_theta():
     cfg = tiny_sim()
     session = sim_session(cfg)
-    perturb_targets(session.model)
-    pairs = ema_pairs(session.model)
+    perturb_targets(session.method)
+    pairs = ema_pairs(session.method)
     theta = {name: online.detach().clone() for name, online, _ in pairs}
     xi = {name: target.detach().clone() for name, _, target in pairs}
     for group in session.optimizer.param_groups:
@@ -199,7 +198,7 @@ def test_ema_target_after_one_step_is_m_xi_plus_one_minus_m_theta():
 
 def visible_sets_seen(monkeypatch) -> list[torch.Tensor]:
     """Every visible_idx the online forward receives, in call order."""
-    from engine.models.sim import SIM
+    from engine.methods.sim import SIM
 
     seen = []
     real = SIM.forward_online

@@ -66,7 +66,7 @@ def test_resume_gives_identical_parameters(tmp_path):
 
 def test_accumulation_builds_F_over_the_whole_accumulated_batch(tmp_path, monkeypatch):
     """spec §6.4: with accum micro-batches, every micro-batch's loss uses F from all of them."""
-    import engine.trainer as trainer
+    import engine.methods.sim as trainer
     from kernels import unigrad_covariance
 
     calls = []

@@ -1,4 +1,12 @@
-"""Siamese Image Modeling (SIM): online encoder + projector + predictor, EMA target branch.
+"""Siamese Image Modeling (SIM; Tao et al., "Siamese Image Modeling for Self-Supervised Vision
+Representation Learning", CVPR 2023; official code fundamentalvision/Siamese-Image-Modeling, as
+read in spec/SIM.md): online encoder + projector + predictor, EMA target branch, UniGrad loss.
+
+The method: view 1 is block-masked and encoded (visible patches only); the predictor gets one query
+per view-2 patch, placed by its position relative to view 1 (relpos_embed of the crop geometry),
+and predicts the EMA target's tokens of the full view 2. Loss: UniGrad (kernels/unigrad_loss.py),
+with F = mean t tᵀ over the WHOLE accumulated batch: `prepare` runs every micro-batch's target first
+(spec §6.4, what the original 32-GPU run computed).
 
 Shapes for the recipe (ViT-B/16, 224 px, G=14, K=78 visible of N=196, D=D'=768), per image:
   online:  view1 --patch_gather(visible_idx)--> (78, D) --[cls; ...]--> 12 blocks --> (79, D)
@@ -17,9 +25,12 @@ import copy
 import torch
 import torch.nn as nn
 
+from engine.masking import make_mask, mask_generator, visible_indices
+from engine.methods.base import Method, StepContext
 from engine.models.vit import Block, VisionTransformer, init_transformer_, vit_flops_per_image
 from engine.presets import PretrainConfig
-from kernels import absolute_sincos_table, relpos_query_embed
+from kernels import absolute_sincos_table, relpos_query_embed, unigrad_covariance, unigrad_loss
+from pipelines.geometry import relative_geometry
 
 
 class Projector(nn.Module):
@@ -38,10 +49,13 @@ class Projector(nn.Module):
         return x
 
 
-class SIM(nn.Module):
+class SIM(Method):
+    name = "sim"
+    paper = "Tao et al., Siamese Image Modeling for Self-Supervised Vision Representation Learning, CVPR 2023"
+    official_code = "fundamentalvision/Siamese-Image-Modeling (read in spec/SIM.md)"
+
     def __init__(self, cfg: PretrainConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.grid = cfg.grid
         self.encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.dim, cfg.depth,
                                          cfg.heads, cfg.mlp_ratio)
@@ -64,7 +78,42 @@ class SIM(nn.Module):
         # the optimiser. At step 0 it equals the online network.
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    # ---------------------------------------------------------------- the method contract
+    def target_pairs(self):
+        return [(self.encoder, self.target_encoder), (self.projector, self.target_projector)]
+
+    def prepare(self, batches: list[dict], ctx: StepContext):
+        """Every micro-batch's target tokens, and ONE F over all of them (all-reduced over ranks
+        inside unigrad_covariance)."""
+        targets = [self.forward_target(b["view2"].to(ctx.device, non_blocking=True))
+                   for b in batches]
+        ctx.mark("target_forward")
+        covariance = unigrad_covariance(torch.cat(targets), form=self.cfg.loss_form,
+                                        backend=ctx.backend("unigrad_loss"))
+        ctx.mark("loss")
+        return targets, covariance
+
+    def forward(self, batch: dict, ctx: StepContext, prepared=None):
+        """One micro-batch: its block mask (a generator per (rank, step, micro)), the online
+        predictions for every view-2 patch, and the UniGrad loss against its targets with the
+        step's F."""
+        cfg, device = self.cfg, ctx.device
+        targets, covariance = prepared
+        mask = make_mask(cfg.mask_kind, len(batch["view1"]), cfg.grid, cfg.num_masked,
+                         generator=mask_generator(cfg.seed, ctx.rank, ctx.step, ctx.micro, device),
+                         device=device)
+        visible_idx = visible_indices(mask, num_visible=cfg.grid ** 2 - cfg.num_masked,
+                                      check=False)
+        rel = relative_geometry(batch["boxes"], batch["flips"], batch["image_size"]).to(device)
+        pred = self.forward_online(batch["view1"].to(device, non_blocking=True), visible_idx, rel,
+                                   backends=ctx.backends)
+        ctx.mark("online_forward")
+        loss = unigrad_loss(pred, targets[ctx.micro], cfg.neg_weight, covariance=covariance,
+                            form=cfg.loss_form, global_weight=cfg.global_weight,
+                            dense_weight=cfg.dense_weight, backend=ctx.backend("unigrad_loss"))
+        ctx.mark("loss")
+        return loss, {}
 
     # ---------------------------------------------------------------- online branch
     def forward_online(self, view1: torch.Tensor, visible_idx: torch.Tensor,
@@ -93,39 +142,15 @@ class SIM(nn.Module):
             x = block(x)
         return self.decoder_pred(x[:, 1 + visible:])
 
-    def forward(self, view1: torch.Tensor, visible_idx: torch.Tensor, rel_geometry: torch.Tensor,
-                backends: dict | None = None) -> torch.Tensor:
-        """The online branch (what DistributedDataParallel wraps); see forward_online."""
-        return self.forward_online(view1, visible_idx, rel_geometry, backends)
-
     # ---------------------------------------------------------------- target branch
     @torch.no_grad()
     def forward_target(self, view2: torch.Tensor) -> torch.Tensor:
         """Target tokens of the full view 2: (B, G², D'), before the target LayerNorm."""
         return self.target_projector(self.target_encoder(view2))[:, 1:]
 
-    @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """ξ ← m·ξ + (1−m)·θ over all trainable online/target pairs, as fused _foreach ops, fp32.
-
-        BatchNorm running buffers are not averaged (they are unused: the target runs in train mode).
-        """
-        if self._ema_pairs is None:
-            online, target = [], []
-            for src, dst in ((self.encoder, self.target_encoder),
-                             (self.projector, self.target_projector)):
-                for (name, p_src), (_, p_dst) in zip(src.named_parameters(),
-                                                     dst.named_parameters()):
-                    if p_src.requires_grad:  # the frozen patch embedding is identical: skip it
-                        online.append(p_src)
-                        target.append(p_dst)
-            self._ema_pairs = (online, target)
-        online, target = self._ema_pairs
-        torch._foreach_lerp_(target, online, 1.0 - momentum)
-
-    def _apply(self, fn, *args, **kwargs):  # moving the module invalidates the cached pairs
-        self._ema_pairs = None
-        return super()._apply(fn, *args, **kwargs)
+        """The EMA update (Method.before_step): ξ ← m·ξ + (1−m)·θ, fused _foreach ops."""
+        self.before_step(momentum)
 
     # ---------------------------------------------------------------- bookkeeping
     def flops_per_image(self) -> float:
