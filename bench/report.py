@@ -25,8 +25,8 @@ from pathlib import Path
 VARIANTS = ("reference", "compiled", "triton", "triton_unique", "fused")
 BASELINES = ("reference", "compiled")
 # Areas in the order of the tables; others follow in the order first seen.
-AREAS = ("masking", "patch_gather", "relpos_embed", "unigrad_loss", "dense_match", "train_step",
-         "pipeline")
+AREAS = ("masking", "patch_gather", "relpos_embed", "unigrad_loss", "dense_match", "queue_infonce",
+         "pixel_propagation", "train_step", "pipeline")
 # extra_info keys shown when present, in this order, with their column titles; any other numeric
 # key ending in "_per_s" (a rate, e.g. images_per_s) is shown after these.
 FIGURES = [

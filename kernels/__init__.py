@@ -22,6 +22,11 @@ from .patch_gather import (
     token_gather,
     token_gather_reference,
 )
+from .pixel_propagation import pixel_propagation, pixel_propagation_reference
+from .queue_infonce import (
+    queue_infonce,
+    queue_infonce_reference,
+)
 from .relpos_embed import (
     absolute_sincos_table,
     relpos_coordinates,
@@ -44,10 +49,14 @@ __all__ = [
     "grid_sample_coordinates",
     "patch_gather",
     "patch_gather_reference",
+    "pixel_propagation",
+    "pixel_propagation_reference",
     "pixpro_loss",
     "pixpro_loss_reference",
     "pixpro_normalised_boxes",
     "pixpro_positive_mask",
+    "queue_infonce",
+    "queue_infonce_reference",
     "relpos_coordinates",
     "relpos_embed",
     "relpos_embed_reference",
