@@ -236,10 +236,97 @@ PRESETS: dict[str, dict] = {
                                workers=2, log_every=20, checkpoint_every=400, eval_every=0.5),
 }
 
+# ------------------------------------------------------------------ the dense CNN family
+# Published ResNet-50 recipes. `batch_size` is the PER-GPU batch of the paper's run (launch with
+# torchrun on that many GPUs, or raise --accum on fewer: the lr follows the global batch); the
+# hyperparameters of each method (queue, τ, λ, head widths) are its Hyper defaults
+# (engine/methods/<method>.py), which are the official values.
+_SGD_MOCO = dict(optimizer="sgd", sgd_momentum=0.9, weight_decay=1e-4, weight_decay_filter="none",
+                 clip_grad=0.0, warmup_epochs=0, min_lr=0.0)
+_R50 = dict(backbone="resnet50", img_size=224, workers=10, checkpoint_every=1000)
+
+PRESETS.update({
+    # MoCo v2 (main_moco.py --mlp --moco-t 0.2 --aug-plus --cos): 8 GPUs x 32, lr 0.03 at 256,
+    # 200 epochs, key momentum 0.999 (constant), MoCo v2 augmentation (bilinear).
+    "mocov2-r50": dict(method="mocov2", **_R50, **_SGD_MOCO, augmentation="mocov2",
+                       batch_size=32, epochs=200, blr=0.03, momentum=0.999,
+                       ema_schedule="constant"),
+    # DenseCL (densecl_imagenet_200ep.py): MoCo v2's recipe, λ 0.5, two 65,536-key queues.
+    "densecl-r50": dict(method="densecl", **_R50, **_SGD_MOCO, augmentation="mocov2",
+                        batch_size=32, epochs=200, blr=0.03, momentum=0.999,
+                        ema_schedule="constant"),
+    # PixPro (tools/pixpro_base_r50_100ep.sh): 8 GPUs x 128, LARS base lr 1.0 per 256 (4.0 at
+    # 1024), wd 1e-5, 5 warm-up epochs, cosine to 1e-6, 100 epochs, EMA 0.99 -> 1 (cosine),
+    # "--aug BYOL --crop 0.08" with bilinear resizing, zero-init last BN of each block.
+    "pixpro-r50": dict(method="pixpro", **_R50, zero_init_residual=True, augmentation="byol",
+                       interpolation="bilinear", batch_size=128, epochs=100, warmup_epochs=5,
+                       optimizer="lars", blr=1.0, weight_decay=1e-5,
+                       weight_decay_filter="bias_norm", min_lr=1e-6, clip_grad=0.0,
+                       momentum=0.99, ema_schedule="cosine"),
+    # DenseSiam: the ResNet-50 recipe is not released; this is SimSiam's (main_simsiam.py: SGD
+    # lr 0.05 per 256, wd 1e-4 on every tensor, cosine, batch 512 = 8 x 64, zero-init residual,
+    # MoCo v2 augmentation), 200 epochs as the dense papers' ImageNet runs. No EMA.
+    "densesiam-r50": dict(method="densesiam", **_R50, **_SGD_MOCO, zero_init_residual=True,
+                          augmentation="mocov2", batch_size=64, epochs=200, blr=0.05),
+    # LC-loss on its BYOL base (deepmind-research/byol, 300-epoch preset): LARS base lr 0.3 per
+    # 256, wd 1e-6 (biases and norms excluded), 10 warm-up epochs, EMA 0.99 -> 1, BYOL's
+    # augmentation (bicubic). Per-GPU batch 128 (BYOL: 4096 in all). LC constants: unverified.
+    "lcloss-r50": dict(method="lcloss", **_R50, augmentation="byol", batch_size=128,
+                       epochs=300, warmup_epochs=10, optimizer="lars", blr=0.3,
+                       weight_decay=1e-6, weight_decay_filter="bias_norm", clip_grad=0.0,
+                       momentum=0.99, ema_schedule="cosine"),
+})
+
+# Small CPU presets. `<method>-demo-cpu`: what `--method NAME` alone runs, a ResNet-18 with the
+# CIFAR stem at 32 px on the embedded photos, a few CPU minutes; narrow heads and a short queue.
+# `<method>-r18-cifar-cpu`: the same network on CIFAR-10 for the "does it learn" comparison
+# (bench/results/cpu-cifar10-methods/): every method gets the same CPU budget (epochs chosen so each
+# run takes about 15 minutes on 2 cores), blur off as usual for 32 px images, EMA 0.99.
+_SMALL_ARGS = {
+    "mocov2": dict(queue_length=4096, hidden=512),
+    "densecl": dict(queue_length=4096, hidden=512),
+    "pixpro": dict(hidden=1024),
+    "densesiam": dict(global_dim=512, global_pred_hidden=128, dense_hidden=256, dense_dim=128,
+                      dense_pred_hidden=32, regions=8),
+    "lcloss": dict(hidden=1024, dense_hidden=512, dense_dim=128),
+}
+_SMALL_RECIPE = {   # each method's own optimiser family, scaled for a short CPU run
+    "mocov2": dict(augmentation="mocov2", optimizer="sgd", blr=0.3, weight_decay=5e-4,
+                   weight_decay_filter="none", momentum=0.99, ema_schedule="constant"),
+    "densecl": dict(augmentation="mocov2", optimizer="sgd", blr=0.3, weight_decay=5e-4,
+                    weight_decay_filter="none", momentum=0.99, ema_schedule="constant"),
+    "pixpro": dict(augmentation="byol", interpolation="bilinear", optimizer="lars", blr=1.0,
+                   weight_decay=1e-5, momentum=0.99, ema_schedule="cosine"),
+    "densesiam": dict(augmentation="mocov2", optimizer="sgd", blr=0.1, weight_decay=5e-4,
+                      weight_decay_filter="none"),
+    "lcloss": dict(augmentation="byol", optimizer="lars", blr=1.0, weight_decay=1e-5,
+                   momentum=0.99, ema_schedule="cosine"),
+}
+# Epochs of CIFAR-10 that fill the CPU budget, from each method's measured throughput on 2 cores
+# (bench/results/cpu-cifar10-methods/README.md).
+_CIFAR_EPOCHS = {"mocov2": 0.8, "densecl": 0.8, "pixpro": 0.4, "densesiam": 0.4, "lcloss": 0.4}
+for _method in _SMALL_ARGS:
+    _small = dict(method=_method, backbone="resnet18", cifar_stem=True, img_size=32,
+                  crop_scale=(0.2, 1.0), blur=False, clip_grad=0.0, sgd_momentum=0.9,
+                  **_SMALL_RECIPE[_method], method_args=_SMALL_ARGS[_method])
+    PRESETS[f"{_method}-demo-cpu"] = dict(_small, batch_size=32, epochs=0, steps=60,
+                                          warmup_steps=5, workers=2, log_every=5,
+                                          checkpoint_every=30)
+    PRESETS[f"{_method}-r18-cifar-cpu"] = dict(_small, batch_size=64, epochs=_CIFAR_EPOCHS[_method],
+                                               warmup_epochs=0.05, workers=2, log_every=20,
+                                               checkpoint_every=200, eval_every=0)
+
 DEFAULT_PRESET = "sim-demo-cpu"
+
+
+def demo_preset(method: str) -> str:
+    """The preset `--method NAME` runs when no --preset is given."""
+    return f"{method}-demo-cpu"
 
 
 def preset_config(name: str) -> PretrainConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return PretrainConfig(preset=name, **PRESETS[name])
+    values = dict(PRESETS[name])
+    values["method_args"] = dict(values.get("method_args", {}))
+    return PretrainConfig(preset=name, **values)

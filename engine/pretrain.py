@@ -1,8 +1,10 @@
-"""`python -m engine.pretrain`: SIM pre-training from the command line.
+"""`python -m engine.pretrain`: self-supervised pre-training from the command line.
 
-With no arguments it trains the small CPU demo model on the embedded sample of real photos for a
+With no arguments it trains SIM's small CPU demo model on the embedded sample of real photos for a
 few minutes and leaves a checkpoint, a JSON-lines metrics log and a loss-curve PNG in its output
-folder. `--data DIR --preset sim-vit-b16` on a GPU machine is the paper's recipe.
+folder. `--method NAME` alone does the same for another method (its `NAME-demo-cpu` preset);
+`--data DIR --preset sim-vit-b16` (or `densecl-r50`, `pixpro-r50`, ...) on a GPU machine is the
+paper's recipe.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import time
 from pathlib import Path
 
 from engine.checkpoint import CHECKPOINT_NAME, CheckpointError
-from engine.presets import DEFAULT_PRESET, LOADERS, PRESETS, ConfigError, preset_config
+from engine.methods import METHODS, check_method_config
+from engine.presets import (BACKBONES, DEFAULT_PRESET, LOADERS, PRESETS, ConfigError, demo_preset,
+                            preset_config)
+from pipelines.augment import AUGMENTATIONS
 from engine.trainer import RunError, RunOptions, pretrain
 from pipelines.datasets import DataError
 
@@ -21,17 +26,34 @@ CONFIG_FLAGS = {"epochs": "epochs", "steps": "steps", "batch_size": "batch_size"
                 "seed": "seed", "workers": "workers", "blr": "blr", "precision": "precision",
                 "loss": "loss_form", "mask": "mask_kind", "optimizer": "optimizer",
                 "log_every": "log_every", "checkpoint_every": "checkpoint_every",
-                "loader": "loader", "eval_every": "eval_every"}
+                "loader": "loader", "eval_every": "eval_every", "backbone": "backbone",
+                "augmentation": "augmentation"}
+SIM_ONLY = ("loss", "mask")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine.pretrain",
-        description="Siamese Image Modeling (SIM) pre-training. Without --data it trains a small "
-                    "demo model on the embedded sample of real photos.",
+        description="Dense self-supervised pre-training: SIM and its dense family (MoCo v2, "
+                    "DenseCL, PixPro, DenseSiam, LC-loss). Without --data it trains a small demo "
+                    "model on the embedded sample of real photos.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                        help="model + recipe preset; sim-vit-b16 is the released SIM recipe")
+    parser.add_argument("--method", default=None, choices=list(METHODS),
+                        help="the objective; alone, it runs that method's small demo preset "
+                             "(NAME-demo-cpu; sim: sim-demo-cpu)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help=f"model + recipe preset (default {DEFAULT_PRESET}, or the "
+                             f"method's demo); sim-vit-b16, mocov2-r50, densecl-r50, pixpro-r50,"
+                             f" densesiam-r50 and lcloss-r50 are the published recipes")
+    parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method hyperparameter (repeatable), e.g. temperature=0.2, "
+                             "queue_length=4096, loss_lambda=0.5; see the method's file")
+    parser.add_argument("--backbone", choices=list(BACKBONES), default=None,
+                        help="vit, resnet18 or resnet50 (default: the preset's); every dense "
+                             "method also runs on the ViT's patch grid")
+    parser.add_argument("--augmentation", choices=list(AUGMENTATIONS), default=None,
+                        help="two-view recipe: sim, byol (asymmetric blur/solarize) or mocov2 "
+                             "(default: the preset's)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="image folder (class/img.jpg or flat); default: the embedded photos")
     parser.add_argument("--epochs", type=float, default=None,
@@ -69,11 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
                         help="auto: bf16 autocast on GPU, fp32 on CPU; fp16 uses a GradScaler")
     parser.add_argument("--loss", choices=["dense", "paper"], default=None,
-                        help="dense: released-code UniGrad loss (default); paper: global + dense")
+                        help="SIM: dense: released-code UniGrad loss (default); paper: global + "
+                             "dense")
     parser.add_argument("--mask", choices=["block", "random"], default=None,
-                        help="block: BEiT-style block-wise masking (default); random: MAE-style")
-    parser.add_argument("--optimizer", choices=["adamw", "lamb"], default=None,
-                        help="adamw: torch fused AdamW (default); lamb: needs NVIDIA apex")
+                        help="SIM: block: BEiT-style block-wise masking (default); random: "
+                             "MAE-style")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd", "lars", "lamb"], default=None,
+                        help="adamw (torch fused), sgd, lars (PixPro/BYOL's), lamb (needs "
+                             "NVIDIA apex); default: the preset's")
     parser.add_argument("--log-every", type=int, default=None, help="steps between log lines")
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="steps between checkpoints (one is always written at the end)")
@@ -100,25 +125,60 @@ def parse_eval_data(value: str | None) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
+def parse_method_args(items: list[str]) -> dict:
+    """["key=value", ...] -> {key: value} (values stay strings; the method converts them)."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--method-arg takes KEY=VALUE, got {item!r}")
+        values[key.strip().replace("-", "_")] = value.strip()
+    return values
+
+
+def choose_preset(method: str | None, preset: str | None) -> str:
+    """--preset wins; --method alone picks that method's demo preset; neither: SIM's demo."""
+    if preset is None:
+        if method is None:
+            return DEFAULT_PRESET
+        return DEFAULT_PRESET if method == "sim" else demo_preset(method)
+    preset_method = PRESETS[preset].get("method", "sim")
+    if method is not None and method != preset_method:
+        raise ConfigError(f"--preset {preset} is a {preset_method} recipe but --method is {method}:"
+                          f" drop one, or pick a {method}-* preset")
+    return preset
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = preset_config(args.preset)
+        preset = choose_preset(args.method, args.preset)
+        cfg = preset_config(preset)
         overrides = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
                      if getattr(args, flag) is not None}
+        if cfg.method != "sim":
+            used = [flag for flag in SIM_ONLY if getattr(args, flag) is not None]
+            if used:
+                raise ConfigError(f"--{used[0]} applies to --method sim only (this run is "
+                                  f"{cfg.method})")
         if "epochs" in overrides and "steps" not in overrides:
             overrides["steps"] = None  # an explicit --epochs replaces a preset's step count
         for field, value in overrides.items():
             setattr(cfg, field, value)
+        method_args = parse_method_args(args.method_arg)
+        if method_args:
+            cfg.method_args = {**cfg.method_args, **method_args}
+            overrides["method_args"] = cfg.method_args
         cfg.validate()
+        check_method_config(cfg)
         out = args.out
         if out is None and args.resume:
-            out = newest_run_with_checkpoint(args.preset)
+            out = newest_run_with_checkpoint(preset)
             if out is None:
-                raise RunError(f"--resume: no run of preset {args.preset} with a checkpoint under "
-                               f"runs/{args.preset}: pass --out RUN_FOLDER")
+                raise RunError(f"--resume: no run of preset {preset} with a checkpoint under "
+                               f"runs/{preset}: pass --out RUN_FOLDER")
         if out is None:
-            out = Path("runs") / args.preset / time.strftime("%Y%m%d-%H%M%S")
+            out = Path("runs") / preset / time.strftime("%Y%m%d-%H%M%S")
         run = RunOptions(out=out, data=args.data, device=args.device, fused=args.fused,
                          eval_data=parse_eval_data(args.eval_data),
                          resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,

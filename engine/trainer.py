@@ -126,6 +126,11 @@ def wrap_data_parallel(model: Method, device: torch.device, group: ProcessGroupI
     """The module the micro-batch losses go through: DDP over ranks, else the method itself."""
     if not group.active:
         return model
+    # broadcast_buffers=False keeps BatchNorm statistics rank-local between steps, but it also
+    # skips DDP's start-of-run sync of the buffers: start every rank from rank 0's, or each rank
+    # keeps the queue (KeyQueue.keys, drawn after seeding with seed + rank) it initialised itself.
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                    else None, broadcast_buffers=False)
 

@@ -10,7 +10,8 @@ import torch
 
 from engine.checkpoint import save_checkpoint
 from engine.eval import load_encoder
-from engine.export import encoder_from_timm_state_dict, export_timm_state_dict, main
+from engine.encoders import encoder_from_timm_state_dict, export_timm_state_dict
+from engine.export import main
 from engine.methods.sim import SIM
 from engine.presets import PretrainConfig
 from engine.trainer import seed_everything

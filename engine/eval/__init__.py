@@ -1,14 +1,15 @@
 """Evaluation of frozen encoders: weighted kNN and linear probe on frozen features.
 
 Library API (also used by the training loop's online kNN monitor):
-  load_encoder(checkpoint, device, random_init=False) -> (VisionTransformer, PretrainConfig)
+  load_encoder(checkpoint, device, random_init=False) -> (ViT | ResNet, PretrainConfig)
+    (engine/encoders.py, the one home of backbone loading, re-exported here)
   extract_features(encoder, data, device, batch_size, workers, progress) -> Features
   knn_classify(train_x, train_y, query_x, num_classes, k=(20, 200), temperature=0.07) -> KnnResult
   linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=100, ...) -> LinearProbeResult
   OnlineKnn(train_dir, val_dir, img_size, device).evaluate(encoder) -> {metric: value}
 Command line: `python -m engine.eval knn|linear --checkpoint CKPT --train-data DIR --val-data DIR`.
 """
-from engine.eval.encoder import (
+from engine.encoders import (
     build_encoder,
     encoder_state,
     load_encoder,

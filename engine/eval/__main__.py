@@ -1,9 +1,15 @@
-"""`python -m engine.eval knn|linear`: evaluate a pre-trained encoder on a labelled image folder pair.
+"""`python -m engine.eval knn|linear|correspondence`: evaluate a pre-trained backbone (any method's
+ViT or ResNet) on a labelled image folder pair, or on held-out images for the dense metric.
 
     python -m engine.eval knn --checkpoint runs/x/checkpoint.pt \\
         --train-data cifar10/train --val-data cifar10/test
     python -m engine.eval linear --checkpoint runs/x --train-data DIR --val-data DIR
     python -m engine.eval knn --random-init --preset sim-vit-t4-cifar --train-data ... --val-data ...
+    python -m engine.eval correspondence --checkpoint runs/x --val-data DIR   (no labels needed)
+
+`correspondence` (engine/eval/correspondence.py): on pairs of random crops of each held-out image,
+the fraction of view-1 cells whose most cosine-similar view-2 cell lies within one cell of its
+geometric correspondent, with the chance level; `--random-init` gives the untrained floor.
 
 Features are computed once per image with the deterministic eval transform (engine.eval.features),
 then classified by the weighted kNN (k=20 and 200, T=0.07) or a linear probe (BN + Linear, SGD,
@@ -22,13 +28,15 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CheckpointError
-from engine.eval.encoder import load_encoder_with_info, resolve_checkpoint_path
+from engine.encoders import load_encoder_with_info, resolve_checkpoint_path
 from engine.eval.features import EvalDataset, extract_features, subsample_indices
 from engine.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_classify
 from engine.eval.linear import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, linear_probe
+from engine.eval.correspondence import DEFAULT_CROP_SCALE, correspondence_accuracy
 from engine.eval.online import labelled_folders
+from engine.models.backbones import describe_backbone
 from engine.presets import PRESETS, ConfigError, preset_config
-from pipelines.datasets import DataError
+from pipelines.datasets import DataError, ImageFolder
 
 SUBSET_SEED = 0
 
@@ -42,15 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine.eval",
         description="kNN or linear-probe evaluation of a densesim encoder on frozen features.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("task", choices=["knn", "linear"],
-                        help="knn: weighted kNN (InstDisc/DINO); linear: linear probe")
+    parser.add_argument("task", choices=["knn", "linear", "correspondence"],
+                        help="knn: weighted kNN (InstDisc/DINO); linear: linear probe; "
+                             "correspondence: dense matching of crop pairs (label-free)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint.pt of a run (or the run folder, or an exported .pth "
                              "with its .json)")
-    parser.add_argument("--train-data", required=True, metavar="DIR",
-                        help="labelled training images, class/img.jpg")
+    parser.add_argument("--train-data", default=None, metavar="DIR",
+                        help="labelled training images, class/img.jpg (knn, linear)")
     parser.add_argument("--val-data", required=True, metavar="DIR",
-                        help="labelled validation images, the same class folders")
+                        help="labelled validation images, the same class folders (for "
+                             "correspondence: any held-out image folder)")
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="correspondence: area range of the random crops (default 0.25 1)")
     parser.add_argument("--random-init", action="store_true",
                         help="baseline: the checkpoint's (or --preset's) architecture with the "
                              "trainer's initialisation and seed, untrained")
@@ -98,6 +110,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_options(args) -> None:
+    if args.task != "correspondence" and args.train_data is None:
+        raise UsageError(f"{args.task} needs --train-data DIR (labelled training images)")
+    if args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise UsageError("--crop-scale needs 0 < MIN <= MAX <= 1")
     if args.checkpoint is None and not args.random_init:
         raise UsageError("--checkpoint is required (or --random-init --preset NAME for the "
                          "untrained baseline)")
@@ -133,8 +149,10 @@ def default_out(args) -> Path:
 
 
 def run(args) -> dict:
-    started = time.perf_counter()
     check_options(args)
+    if args.task == "correspondence":
+        return run_correspondence(args)
+    started = time.perf_counter()
     train_folder, val_folder = labelled_folders(args.train_data, args.val_data)
     device = resolve_device(args.device)
     cfg = preset_config(args.preset) if args.preset else None
@@ -150,8 +168,8 @@ def run(args) -> dict:
     progress = not args.quiet
     if progress:
         print(f"{args.task}: {len(train)} train / {len(val)} val images, "
-              f"{len(train_folder.classes)} classes; encoder {cfg.dim}d×{cfg.depth} patch "
-              f"{cfg.patch_size} @{cfg.img_size}px"
+              f"{len(train_folder.classes)} classes; encoder {describe_backbone(cfg)}"
+              f" ({cfg.method})"
               f"{' (random init)' if args.random_init else ''}; device {device}",
               file=sys.stderr, flush=True)
     train_features = extract_features(encoder, train, device, args.batch_size, args.workers,
@@ -163,6 +181,12 @@ def run(args) -> dict:
     num_classes = len(train_folder.classes)
     results: dict[str, dict] = {}
     notes: list[str] = []
+    if "cls" in kinds and "cls" not in train_features.kinds:
+        if args.features == "cls":
+            raise UsageError("--features cls needs a ViT (it has a cls token); this encoder is "
+                             "a ResNet: use --features patch (global average of C5)")
+        kinds = ["patch"]
+        notes.append("a ResNet has no cls token: 'patch' is the global average of C5")
     for kind in kinds:
         if args.task == "knn":
             knn = knn_classify(train_features.kind(kind), train_features.labels,
@@ -185,8 +209,12 @@ def run(args) -> dict:
         "random_init": args.random_init,
         "encoder": args.encoder,
         "preset": cfg.preset,
-        "model": {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "dim": cfg.dim,
-                  "depth": cfg.depth, "heads": cfg.heads, "seed": cfg.seed},
+        "method": cfg.method,
+        "model": ({"backbone": "vit", "img_size": cfg.img_size, "patch_size": cfg.patch_size,
+                   "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "seed": cfg.seed}
+                  if cfg.backbone == "vit" else
+                  {"backbone": cfg.backbone, "cifar_stem": cfg.cifar_stem,
+                   "img_size": cfg.img_size, "seed": cfg.seed}),
         "train_data": str(train_folder.root), "val_data": str(val_folder.root),
         "train_images": len(train), "val_images": len(val),
         "train_images_available": len(train_folder), "val_images_available": len(val_folder),
@@ -209,18 +237,71 @@ def run(args) -> dict:
                                  if device.type == "cuda" else ""),
         "torch": torch.__version__,
     }
+    _write(out, report)
+    report["out"] = str(out)
+    return report
+
+
+def run_correspondence(args) -> dict:
+    started = time.perf_counter()
+    folder = ImageFolder(args.val_data)
+    device = resolve_device(args.device)
+    cfg = preset_config(args.preset) if args.preset else None
+    encoder, cfg, info = load_encoder_with_info(args.checkpoint, device, args.random_init, cfg,
+                                                args.encoder)
+    out = args.out or default_out(args)
+    indices = subsample_indices(len(folder), args.max_val, SUBSET_SEED)
+    scale = tuple(args.crop_scale) if args.crop_scale else DEFAULT_CROP_SCALE
+    if not args.quiet:
+        print(f"correspondence: {len(indices) if indices else len(folder)} images; encoder "
+              f"{describe_backbone(cfg)} ({cfg.method})"
+              f"{' (random init)' if args.random_init else ''}; device {device}",
+              file=sys.stderr, flush=True)
+    result = correspondence_accuracy(encoder, folder, cfg.img_size, indices, device,
+                                     args.batch_size, args.workers, scale, seed=SUBSET_SEED,
+                                     progress=not args.quiet)
+    report = {
+        "task": "correspondence",
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+        "step": None if args.random_init else info["step"],
+        "random_init": args.random_init, "encoder": args.encoder, "preset": cfg.preset,
+        "method": cfg.method, "backbone": describe_backbone(cfg),
+        "val_data": str(folder.root), "images": result.pairs, "crop_scale": list(scale),
+        "results": result.summary(),
+        "definition": "fraction of view-1 cells in the overlap whose most cosine-similar view-2 "
+                      "cell (backbone features, dense_match) lies within 1 cell (hit@1) / 0.5 "
+                      "cell (hit@0.5) of the geometric correspondent; chance = a uniformly "
+                      "random view-2 cell",
+        "skipped_files": [],
+        "elapsed_s": {"total": time.perf_counter() - started},
+        "device": str(device), "torch": torch.__version__,
+    }
+    _write(out, report)
+    report["out"] = str(out)
+    return report
+
+
+def _write(out: Path, report: dict) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
     except OSError as exc:
         raise UsageError(f"cannot write {out} ({exc.strerror or exc}): choose a writable "
                          f"--out") from exc
-    report["out"] = str(out)
-    return report
 
 
 def format_table(report: dict) -> str:
     lines = []
+    if report["task"] == "correspondence":
+        r = report["results"]
+        return "\n".join([
+            f"{'metric':<10} {'value %':>8} {'chance %':>9}",
+            f"{'hit@1':<10} {100 * r['hit@1']:8.2f} {100 * r['chance_hit@1']:9.2f}",
+            f"{'hit@0.5':<10} {100 * r['hit@0.5']:8.2f} {100 * r['chance_hit@0.5']:9.2f}",
+            f"{r['pairs']} crop pairs, {r['overlap_cells']} overlap cells on a {r['grid']}x"
+            f"{r['grid']} map, {report['device']}, {report['elapsed_s']['total']:.1f} s"
+            + (" (random init)" if report["random_init"] else "")
+            + f"; written to {report['out']}"])
     if report["task"] == "knn":
         lines.append(f"{'features':<9} {'k':>5} {'top-1 %':>8} {'top-5 %':>8}")
         for kind, per_k in report["results"].items():

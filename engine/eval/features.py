@@ -13,8 +13,10 @@ Eval transform (`EvalTransform`, one bicubic resample, no randomness):
 
 Features (`extract_features`): the encoder runs on full images (no mask), in inference mode, with
 bf16 autocast on CUDA; per image
-  * patch_mean = mean of the G² patch tokens of the last block (no final norm: SIM's ViT has none),
-  * cls        = the cls token of the last block,
+  * patch_mean = the mean of the dense map's cells: for a ViT the G² patch tokens of the last
+                 block (no final norm: SIM's ViT has none), for a ResNet the global average of
+                 C5 (what MoCo/DenseCL/PixPro evaluate),
+  * cls        = the ViT's cls token of the last block (None for a ResNet),
 both returned as float32. The input is a folder (decoded through a torch DataLoader with worker
 processes) or a `DecodedImages` cache (uint8 images already decoded, e.g. resident on the GPU), so an
 online monitor that evaluates every N steps decodes the JPEGs once.
@@ -30,6 +32,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from engine.models.backbones import backbone_channels
+from engine.models.vit import VisionTransformer
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.datasets import ImageFolder
 
@@ -171,10 +175,11 @@ def decode_images(dataset: EvalDataset, device: torch.device | str = "cpu",
 # ----------------------------------------------------------------------------- features
 @dataclass
 class Features:
-    """Per image: patch_mean float32 (N, D), cls float32 (N, D), labels int64 (N,), one device.
-    `skipped`: files that failed to decode (each replaced by the next readable image)."""
+    """Per image: patch_mean float32 (N, D), cls float32 (N, D) or None (ResNet), labels int64
+    (N,), one device. `skipped`: files that failed to decode (each replaced by the next readable
+    image)."""
     patch_mean: torch.Tensor
-    cls: torch.Tensor
+    cls: torch.Tensor | None
     labels: torch.Tensor
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -187,12 +192,20 @@ class Features:
         if name == "patch":
             return self.patch_mean
         if name == "cls":
+            if self.cls is None:
+                raise ValueError("this encoder has no cls token (a ResNet): use the patch "
+                                 "(pooled) features")
             return self.cls
         raise ValueError(f"unknown feature kind {name!r}: use patch or cls")
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("patch",) if self.cls is None else ("patch", "cls")
+
     def to(self, device: torch.device | str) -> Features:
-        return Features(self.patch_mean.to(device), self.cls.to(device), self.labels.to(device),
-                        self.skipped, self.seconds)
+        return Features(self.patch_mean.to(device),
+                        None if self.cls is None else self.cls.to(device),
+                        self.labels.to(device), self.skipped, self.seconds)
 
 
 def encoder_device(encoder: torch.nn.Module) -> torch.device:
@@ -206,8 +219,8 @@ def extract_features(encoder: torch.nn.Module, data: ImageFolder | EvalDataset |
                      crop_pct: float = DEFAULT_CROP_PCT) -> Features:
     """Features of every image of `data` (see the module docstring), in dataset order.
 
-    encoder: a VisionTransformer (already on `device`; it is put in eval mode for the call and
-      its previous mode restored). data: an ImageFolder (wrapped in the eval transform at the
+    encoder: a backbone of engine/models/backbones.py — our ViT or ResNet — (already on `device`;
+      it is put in eval mode for the call and its previous mode restored). data: an ImageFolder (wrapped in the eval transform at the
       encoder's img_size), an EvalDataset, or DecodedImages (no decoding at all).
     device: where to compute (default: the encoder's device); features come back there.
     amp: bf16 autocast; default on CUDA only. workers: DataLoader worker processes.
@@ -230,8 +243,10 @@ def extract_features(encoder: torch.nn.Module, data: ImageFolder | EvalDataset |
         raise ValueError(f"images are {size} px but the encoder expects {encoder.img_size} px")
 
     n = len(data)
-    patch_mean = torch.empty((n, encoder.dim), dtype=torch.float32, device=device)
-    cls = torch.empty((n, encoder.dim), dtype=torch.float32, device=device)
+    is_vit = isinstance(encoder, VisionTransformer)
+    channels = backbone_channels(encoder)
+    patch_mean = torch.empty((n, channels), dtype=torch.float32, device=device)
+    cls = torch.empty((n, channels), dtype=torch.float32, device=device) if is_vit else None
     labels = torch.empty((n,), dtype=torch.int64, device=device)
     bar = _Progress("features", n) if progress else None
     was_training = encoder.training
@@ -241,10 +256,13 @@ def extract_features(encoder: torch.nn.Module, data: ImageFolder | EvalDataset |
         for images, batch_labels in batches:
             images = normalize_images(images.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                tokens = encoder(images)
+                output = encoder(images)
             end = done + len(images)
-            cls[done:end] = tokens[:, 0].float()
-            patch_mean[done:end] = tokens[:, 1:].float().mean(dim=1)
+            if is_vit:
+                cls[done:end] = output[:, 0].float()
+                patch_mean[done:end] = output[:, 1:].float().mean(dim=1)
+            else:
+                patch_mean[done:end] = output.float().mean(dim=(2, 3))
             labels[done:end] = batch_labels.to(device, non_blocking=True)
             done = end
             if bar:

@@ -110,13 +110,15 @@ class OnlineKnn:
             extract_features(encoder, data, self.device, self.batch_size, self.workers)
             for data in sources)
         metrics: dict[str, float] = {}
-        for kind in self.kinds:
+        for kind in (k for k in self.kinds if k in train_features.kinds):  # ResNet: no cls
             result = knn_classify(train_features.kind(kind), train_features.labels,
                                   val_features.kind(kind), self.num_classes, self.k,
                                   self.temperature, query_labels=val_features.labels)
             for value in self.k:
                 metrics[f"knn_top1_{kind}@{value}"] = result.top1[value]
         headline_kind = "patch" if "patch" in self.kinds else self.kinds[0]
+        if f"knn_top1_{headline_kind}@{max(self.k)}" not in metrics:
+            headline_kind = "patch"
         headline_k = 200 if 200 in self.k else max(self.k)
         metrics = {"knn_top1": metrics[f"knn_top1_{headline_kind}@{headline_k}"], **metrics}
         metrics["knn_seconds"] = time.perf_counter() - started

@@ -19,12 +19,16 @@ from engine.presets import ConfigError, PretrainConfig
 
 
 def build_backbone(cfg: PretrainConfig) -> nn.Module:
+    """cfg's backbone, freshly initialised. A ResNet gets a plain `img_size` attribute (the size it
+    is trained at; evaluation resizes images to it), as our ViT has one by construction."""
     if cfg.backbone == "vit":
         return VisionTransformer(cfg.img_size, cfg.patch_size, cfg.dim, cfg.depth, cfg.heads,
                                  cfg.mlp_ratio)
     if cfg.backbone in ("resnet18", "resnet50"):
-        return build_resnet(cfg.backbone, cifar_stem=cfg.cifar_stem,
-                            zero_init_residual=cfg.zero_init_residual)
+        encoder = build_resnet(cfg.backbone, cifar_stem=cfg.cifar_stem,
+                               zero_init_residual=cfg.zero_init_residual)
+        encoder.img_size = cfg.img_size
+        return encoder
     raise ConfigError(f"unknown backbone {cfg.backbone!r}: use vit, resnet18 or resnet50")
 
 

@@ -1,0 +1,416 @@
+"""Backbones out of checkpoints and exports, and into exports: the one home of that code.
+
+Every method (engine/methods/) names its online backbone `encoder` and its EMA copy, where it has
+one, `target_encoder`, so a checkpoint's model state dict holds the backbone under `encoder.*`
+(`target_encoder.*`) whatever the method. A checkpoint (engine/trainer.py `_save`) is a dict with
+`method`, `model` (the method's state dict) and `config` (PretrainConfig.to_dict()); a run folder
+holding `checkpoint.pt` is accepted in place of the file.
+
+Export formats (`python -m engine.export`, FILE + FILE.json):
+  timm-vit             our ViT already uses timm's names and layouts: every tensor keeps its name
+                       once the `encoder.` prefix is dropped — patch_embed.proj.weight (D, 3, p, p),
+                       patch_embed.proj.bias, cls_token (1, 1, D), pos_embed (1, 1 + G², D) with a
+                       zero cls row (timm's class_token=True, no_embed_class=False layout; ours is a
+                       fixed 2-D sin-cos table, row half first), blocks.i.{norm1, attn.qkv,
+                       attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight, bias}. SIM's ViT has NO final
+                       LayerNorm and timm's has one, so the export has no norm tensors: build the
+                       timm model with `final_norm=False` (checked with timm 1.0.31: strict load,
+                       same tokens and pooled features), or set `model.norm = model.fc_norm =
+                       torch.nn.Identity()` before `load_state_dict`.
+  torchvision-resnet   our ResNet uses torchvision's names, shapes and order (engine/models/
+                       resnet.py): the export is exactly torchvision's `resnet18()` / `resnet50()`
+                       state dict without `fc.weight`/`fc.bias` (the encoder has no classifier).
+                       Load it into torchvision with `model.fc = torch.nn.Identity()` then
+                       `model.load_state_dict(state)` (strict), or `strict=False` keeping fc. With
+                       the CIFAR stem, conv1 is 3×3 (64, 3, 3, 3) and the max-pool is skipped: build
+                       torchvision's model with `model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)`
+                       and `model.maxpool = nn.Identity()` (the JSON says so).
+An exported file is accepted wherever a checkpoint is (evaluation), so an export can be evaluated
+without its training run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from engine.checkpoint import CHECKPOINT_NAME, CheckpointError
+from engine.models.backbones import build_backbone
+from engine.models.resnet import ResNet, torchvision_resnet_state_keys
+from engine.models.vit import VisionTransformer
+from engine.presets import PretrainConfig
+
+BRANCH_PREFIXES = {"online": "encoder.", "target": "target_encoder."}
+# Wrappers that may prefix a state dict's keys (DDP, torch.compile); stripped when present.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder holding `checkpoint.pt`; CheckpointError otherwise."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        candidate = path / CHECKPOINT_NAME
+        if not candidate.is_file():
+            raise CheckpointError(f"{path} is a folder without {CHECKPOINT_NAME}: pass the "
+                                  f"checkpoint file or a run folder that holds one")
+        return candidate
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a "
+                              f"run (or its run folder)")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a densesim checkpoint (on the CPU) and check that it has a model and its config."""
+    path = resolve_checkpoint_path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: one line, no deep traceback
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+        raise CheckpointError(f"{path} is not a densesim checkpoint (expected the 'model' and "
+                              f"'config' entries written by python -m engine.pretrain)")
+    return checkpoint
+
+
+def encoder_state(model_state: dict, branch: str = "online") -> dict[str, torch.Tensor]:
+    """The encoder's own state dict (prefix removed) out of a SIM state dict."""
+    if branch not in BRANCH_PREFIXES:
+        raise ValueError(f"unknown encoder branch {branch!r}: use online or target")
+    prefix = BRANCH_PREFIXES[branch]
+    state = {}
+    for key, value in model_state.items():
+        for wrapper in _WRAPPER_PREFIXES:
+            key = key.removeprefix(wrapper)
+        if key.startswith(prefix):
+            state[key[len(prefix):]] = value
+    if not state:
+        raise CheckpointError(f"the checkpoint's model has no '{prefix}*' entries"
+                              + (" (this method has no EMA encoder)" if branch == "target" else
+                                 ": it is not a densesim model state dict"))
+    return state
+
+
+def build_encoder(cfg: PretrainConfig, seed: int | None = None) -> nn.Module:
+    """The backbone of `cfg` (ViT or ResNet), initialised exactly as at step 0 of training.
+
+    The trainer seeds torch with `cfg.seed` (+ rank 0) and then builds the method, whose first
+    module is its backbone, so seeding and building the backbone alone draws the same weights
+    (tested against a real run). The global RNG is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        return build_backbone(cfg)
+
+
+# ----------------------------------------------------------------------------- export: ViT (timm)
+EXPORT_FORMAT = "timm-vit"
+BLOCK_TENSORS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias",
+                 "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+                 "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+# timm's standard ViT model names, by (patch, dim, depth, heads): a hint in the metadata only.
+TIMM_NAMES = {(16, 192, 12, 3): "vit_tiny_patch16_224", (16, 384, 12, 6): "vit_small_patch16_224",
+              (16, 768, 12, 12): "vit_base_patch16_224", (16, 1024, 24, 16): "vit_large_patch16_224",
+              (8, 384, 12, 6): "vit_small_patch8_224", (8, 768, 12, 12): "vit_base_patch8_224"}
+
+
+def timm_vit_shapes(img_size: int, patch_size: int, dim: int, depth: int,
+                    mlp_ratio: float = 4.0) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a timm ViT's backbone tensors (no norm, no head), in timm's order."""
+    tokens = 1 + (img_size // patch_size) ** 2
+    hidden = int(dim * mlp_ratio)
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, dim), "pos_embed": (1, tokens, dim),
+        "patch_embed.proj.weight": (dim, 3, patch_size, patch_size),
+        "patch_embed.proj.bias": (dim,)}
+    per_block = {"norm1.weight": (dim,), "norm1.bias": (dim,),
+                 "attn.qkv.weight": (3 * dim, dim), "attn.qkv.bias": (3 * dim,),
+                 "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,),
+                 "norm2.weight": (dim,), "norm2.bias": (dim,),
+                 "mlp.fc1.weight": (hidden, dim), "mlp.fc1.bias": (hidden,),
+                 "mlp.fc2.weight": (dim, hidden), "mlp.fc2.bias": (dim,)}
+    for i in range(depth):
+        for name in BLOCK_TENSORS:
+            shapes[f"blocks.{i}.{name}"] = per_block[name]
+    return shapes
+
+
+def _our_name(timm_name: str) -> str:
+    """timm name -> our VisionTransformer's name (the identity today; the one place to change if
+    either side renames)."""
+    return timm_name
+
+
+def _check_shapes(state: dict, expected: dict, what: str, layout: str = "timm ViT") -> None:
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {v}" for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != v]
+    if missing or extra or wrong:
+        details = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:4])}" if missing else "",
+            f"unexpected {', '.join(extra[:4])}" if extra else "",
+            f"shape {', '.join(wrong[:3])}" if wrong else ""]))
+        raise CheckpointError(f"{what} does not match the {layout} layout of its config: {details}")
+
+
+def export_timm_state_dict(checkpoint: str | Path | dict,
+                           branch: str = "online") -> dict[str, torch.Tensor]:
+    """The encoder of `checkpoint` (a path, a run folder, or a loaded checkpoint dict) as
+    {timm name: contiguous fp32 CPU tensor}, in timm's key order; validated name by name and
+    shape by shape. branch: "online" (default) or "target" (the EMA encoder)."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
+    cfg = PretrainConfig.from_dict(checkpoint["config"])
+    ours = encoder_state(checkpoint["model"], branch)
+    expected = timm_vit_shapes(cfg.img_size, cfg.patch_size, cfg.dim, cfg.depth, cfg.mlp_ratio)
+    state = {name: ours[_our_name(name)] for name in expected if _our_name(name) in ours}
+    extra = sorted(set(ours) - {_our_name(name) for name in expected})
+    if extra:
+        raise CheckpointError(f"the checkpoint's encoder has tensors the export does not map: "
+                              f"{', '.join(extra[:4])}")
+    _check_shapes(state, expected, "the checkpoint's encoder")
+    return {name: tensor.detach().to("cpu", torch.float32).contiguous().clone()
+            for name, tensor in state.items()}
+
+
+def export_metadata(cfg: PretrainConfig, source: str | None = None, step: int | None = None,
+                    branch: str = "online") -> dict:
+    """What a user needs to build the matching timm model (stored as FILE.json)."""
+    kwargs = {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.dim,
+              "depth": cfg.depth, "num_heads": cfg.heads, "mlp_ratio": cfg.mlp_ratio,
+              "qkv_bias": True, "class_token": True, "no_embed_class": False,
+              "global_pool": "avg", "final_norm": False, "num_classes": 0}
+    name = TIMM_NAMES.get((cfg.patch_size, cfg.dim, cfg.depth, cfg.heads))
+    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return {
+        "format": EXPORT_FORMAT,
+        "architecture": {"img_size": cfg.img_size, "patch_size": cfg.patch_size,
+                         "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads,
+                         "mlp_ratio": cfg.mlp_ratio, "grid": cfg.grid,
+                         "final_norm": False, "layer_norm_eps": 1e-6},
+        "timm_model_name": name,
+        "timm_kwargs": kwargs,
+        "usage": (f"model = timm.models.vision_transformer.VisionTransformer({call}); "
+                  f"model.load_state_dict(torch.load(FILE, weights_only=True)). "
+                  f"A timm without the final_norm argument (older releases): drop it and set "
+                  f"model.norm = model.fc_norm = torch.nn.Identity() before loading."),
+        "input": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                  "note": "RGB in [0, 1], ImageNet-normalised, as in pre-training"},
+        "notes": ["no final LayerNorm: SIM's encoder output is the raw residual stream",
+                  ("pos_embed is SIM's fixed 2-D sin-cos table (row half first), cls slot "
+                   "zeros; timm resamples it for another image size"),
+                  "patch_embed is SIM's frozen random projection (MoCo v3 style)"],
+        "source": {"checkpoint": source, "step": step, "preset": cfg.preset, "seed": cfg.seed,
+                   "branch": branch, "torch": torch.__version__},
+    }
+
+
+# ----------------------------------------------------------------------------- export: ResNet
+RESNET_FORMAT = "torchvision-resnet"
+
+
+def export_torchvision_state_dict(checkpoint: str | Path | dict,
+                                  branch: str = "online") -> dict[str, torch.Tensor]:
+    """The ResNet encoder of `checkpoint` as torchvision's resnet18/resnet50 state dict without
+    fc, keys in torchvision's order, fp32 CPU tensors (num_batches_tracked stays int64)."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
+    cfg = PretrainConfig.from_dict(checkpoint["config"])
+    ours = encoder_state(checkpoint["model"], branch)
+    expected = dict(torchvision_resnet_state_keys(cfg.backbone))
+    if cfg.cifar_stem:
+        expected["conv1.weight"] = (64, 3, 3, 3)
+    _check_shapes(ours, expected, "the checkpoint's encoder", "torchvision ResNet")
+    return {name: (ours[name].detach().to("cpu", torch.float32) if ours[name].is_floating_point()
+                   else ours[name].detach().to("cpu")).contiguous().clone() for name in expected}
+
+
+def export_state_dict(checkpoint: str | Path | dict, branch: str = "online"
+                      ) -> dict[str, torch.Tensor]:
+    """The encoder in its export format: timm names for a ViT, torchvision's for a ResNet."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
+    cfg = PretrainConfig.from_dict(checkpoint["config"])
+    if cfg.backbone == "vit":
+        return export_timm_state_dict(checkpoint, branch)
+    return export_torchvision_state_dict(checkpoint, branch)
+
+
+def resnet_export_metadata(cfg: PretrainConfig, source: str | None = None,
+                           step: int | None = None, branch: str = "online") -> dict:
+    stem = ("model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
+            "model.maxpool = torch.nn.Identity(); ") if cfg.cifar_stem else ""
+    return {
+        "format": RESNET_FORMAT,
+        "architecture": {"backbone": cfg.backbone, "cifar_stem": cfg.cifar_stem,
+                         "img_size": cfg.img_size, "fc": False},
+        "torchvision_model_name": cfg.backbone,
+        "usage": (f"model = torchvision.models.{cfg.backbone}(); {stem}model.fc = "
+                  f"torch.nn.Identity(); model.load_state_dict(torch.load(FILE, "
+                  f"weights_only=True))"),
+        "input": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                  "note": "RGB in [0, 1], ImageNet-normalised, as in pre-training"},
+        "notes": ["no fc: the encoder ends at layer4 (C5); torchvision's avgpool + an Identity fc "
+                  "give the pooled 512/2048-d feature"]
+                 + (["CIFAR stem: conv1 is 3x3 stride 1 and there is no max-pool"]
+                    if cfg.cifar_stem else []),
+        "source": {"checkpoint": source, "step": step, "preset": cfg.preset, "seed": cfg.seed,
+                   "method": cfg.method, "branch": branch, "torch": torch.__version__},
+    }
+
+
+def write_export(checkpoint_path: str | Path, out: str | Path,
+                 branch: str = "online") -> tuple[Path, Path]:
+    """Write FILE (the state dict) and FILE.json (metadata), each atomically; returns both."""
+    path = resolve_checkpoint_path(checkpoint_path)
+    checkpoint = read_checkpoint(path)
+    state = export_state_dict(checkpoint, branch)
+    cfg = PretrainConfig.from_dict(checkpoint["config"])
+    meta = (export_metadata if cfg.backbone == "vit" else resnet_export_metadata)(
+        cfg, str(path), checkpoint.get("step"), branch)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise CheckpointError(f"--out {out} is a folder: give a file name, e.g. {out}/encoder.pth")
+    meta_path = out.with_name(out.name + ".json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+        tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_meta, meta_path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out} ({exc.strerror or exc}): choose a writable "
+                              f"--out") from exc
+    return out, meta_path
+
+
+# ----------------------------------------------------------------------------- the way back
+def encoder_from_timm_state_dict(state: dict[str, torch.Tensor], img_size: int, patch_size: int,
+                                 dim: int, depth: int, heads: int,
+                                 mlp_ratio: float = 4.0) -> VisionTransformer:
+    """Our VisionTransformer holding an exported (timm-named) state dict: the inverse mapping.
+    Strict: every backbone tensor must be there with its shape; timm's norm/fc_norm/head tensors,
+    if present, are refused (our ViT has no final norm, so dropping them would change outputs)."""
+    expected = timm_vit_shapes(img_size, patch_size, dim, depth, mlp_ratio)
+    _check_shapes(dict(state), expected, "the state dict")
+    encoder = VisionTransformer(img_size, patch_size, dim, depth, heads, mlp_ratio)
+    encoder.load_state_dict({_our_name(name): tensor for name, tensor in state.items()},
+                            strict=True)
+    return encoder
+
+
+def encoder_from_torchvision_state_dict(state: dict[str, torch.Tensor], backbone: str,
+                                        cifar_stem: bool = False) -> ResNet:
+    """Our ResNet holding a torchvision-named state dict (fc tensors, if present, are refused:
+    the encoder has no classifier)."""
+    encoder = build_backbone(PretrainConfig(backbone=backbone, cifar_stem=cifar_stem,
+                                            img_size=32 if cifar_stem else 224))
+    expected = {name: tuple(t.shape) for name, t in encoder.state_dict().items()}
+    _check_shapes(dict(state), expected, "the state dict", "torchvision ResNet")
+    encoder.load_state_dict(state, strict=True)
+    return encoder
+
+
+def load_exported_encoder(path: str | Path) -> tuple[nn.Module, PretrainConfig, int | None]:
+    """An exported FILE (with FILE.json beside it) back into our ViT or ResNet, a PretrainConfig
+    holding its architecture and seed (the rest of the config is not exported), and the training
+    step it was exported at."""
+    path = Path(path)
+    meta_path = path.with_name(path.name + ".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        arch = meta["architecture"]
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read exported encoder {path} (+ {meta_path.name}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    source = meta.get("source") or {}
+    if meta.get("format") == RESNET_FORMAT:
+        encoder = encoder_from_torchvision_state_dict(state, arch["backbone"],
+                                                      arch.get("cifar_stem", False))
+        cfg = PretrainConfig(backbone=arch["backbone"], cifar_stem=arch.get("cifar_stem", False),
+                             img_size=arch["img_size"], seed=source.get("seed", 0),
+                             method=source.get("method", "mocov2"),
+                             preset=source.get("preset") or "custom")
+        return encoder, cfg, source.get("step")
+    encoder = encoder_from_timm_state_dict(state, arch["img_size"], arch["patch_size"],
+                                           arch["dim"], arch["depth"], arch["heads"],
+                                           arch.get("mlp_ratio", 4.0))
+    cfg = PretrainConfig(img_size=arch["img_size"], patch_size=arch["patch_size"],
+                         dim=arch["dim"], depth=arch["depth"], heads=arch["heads"],
+                         mlp_ratio=arch.get("mlp_ratio", 4.0), seed=source.get("seed", 0),
+                         preset=source.get("preset") or "custom")
+    return encoder, cfg, source.get("step")
+
+
+# ----------------------------------------------------------------------------- loading
+def load_encoder(checkpoint_path: str | Path | None, device: torch.device | str = "cpu",
+                 random_init: bool = False, cfg: PretrainConfig | None = None,
+                 branch: str = "online") -> tuple[nn.Module, PretrainConfig]:
+    """(backbone in eval mode on `device` — our ViT or ResNet —, its PretrainConfig).
+
+    checkpoint_path: a densesim checkpoint / run folder of any method, or an exported encoder
+      (timm-named ViT or torchvision-named ResNet) with its `.json` beside it. With `random_init`, only its config is used (the architecture and seed),
+      and the weights are the trainer's initialisation. `cfg` (e.g. a preset) replaces the
+      checkpoint when random_init is set and checkpoint_path is None.
+    branch: "online" (the backbone the method trains, the one exported and evaluated by default)
+      or "target" (the EMA copy, for methods that have one).
+    """
+    encoder, cfg, _ = load_encoder_with_info(checkpoint_path, device, random_init, cfg, branch)
+    return encoder, cfg
+
+
+def load_encoder_with_info(checkpoint_path: str | Path | None, device: torch.device | str = "cpu",
+                           random_init: bool = False, cfg: PretrainConfig | None = None,
+                           branch: str = "online") -> tuple[nn.Module, PretrainConfig, dict]:
+    """`load_encoder`, plus {"source": "checkpoint" | "export" | "preset", "path", "step"}
+    (the checkpoint is read once)."""
+    if checkpoint_path is None:
+        if not random_init or cfg is None:
+            raise ValueError("load_encoder needs a checkpoint, or random_init=True with a cfg")
+        encoder = build_encoder(cfg)
+        return encoder.to(device).eval(), cfg, {"source": "preset", "path": None, "step": None}
+    path = resolve_checkpoint_path(checkpoint_path)
+    exported_meta = path.with_name(path.name + ".json")
+    if exported_meta.is_file() and _is_export_metadata(exported_meta):
+        encoder, cfg, step = load_exported_encoder(path)
+        if random_init:
+            encoder = build_encoder(cfg)
+        return encoder.to(device).eval(), cfg, {"source": "export", "path": str(path),
+                                                 "step": step}
+    checkpoint = read_checkpoint(path)
+    cfg = PretrainConfig.from_dict(checkpoint["config"])
+    encoder = build_encoder(cfg)
+    if not random_init:
+        state = encoder_state(checkpoint["model"], branch)
+        try:
+            encoder.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise CheckpointError(f"the encoder in {path} does not match its own config "
+                                  f"({first[1].strip() if len(first) > 1 else first[0]})") from exc
+    return encoder.to(device).eval(), cfg, {"source": "checkpoint", "path": str(path),
+                                             "step": checkpoint.get("step")}
+
+
+def _is_export_metadata(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") in (EXPORT_FORMAT, RESNET_FORMAT)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+__all__ = [
+    "BRANCH_PREFIXES", "EXPORT_FORMAT", "RESNET_FORMAT", "build_encoder", "encoder_state",
+    "encoder_from_timm_state_dict", "encoder_from_torchvision_state_dict", "export_metadata",
+    "export_state_dict", "export_timm_state_dict", "export_torchvision_state_dict",
+    "load_encoder", "load_encoder_with_info", "load_exported_encoder", "read_checkpoint",
+    "resnet_export_metadata", "resolve_checkpoint_path", "timm_vit_shapes", "write_export",
+]
