@@ -12,7 +12,10 @@ import torch
 
 import kernels
 
-FUSED_OPS = ("patch_gather", "relpos_embed", "unigrad_loss")
+# Every op a method may call with ctx.backend(op): --no-fused sets all of them to "reference" (an
+# op missing here would run "auto", i.e. Triton on CUDA, even with --no-fused).
+FUSED_OPS = ("patch_gather", "relpos_embed", "unigrad_loss", "dense_match", "pixpro_loss",
+             "queue_infonce", "pixel_propagation")
 
 
 @dataclass
@@ -40,6 +43,21 @@ def _probe(op: str, device: torch.device) -> None:
     elif op == "unigrad_loss":
         pred = torch.randn(4, 8, device=device)
         kernels.unigrad_loss(pred, torch.randn(4, 8, device=device), backend="triton")
+    elif op == "dense_match":
+        kernels.dense_match(torch.randn(1, 4, 8, device=device), torch.randn(1, 4, 8, device=device),
+                            backend="triton")
+    elif op == "pixpro_loss":
+        boxes = torch.tensor([[[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 6.0, 6.0]]], device=device)
+        flips = torch.zeros(1, 2, dtype=torch.bool, device=device)
+        kernels.pixpro_loss(torch.randn(1, 4, 8, device=device), torch.randn(1, 4, 8, device=device),
+                            boxes, flips, 2, image_size=(10, 10), backend="triton")
+    elif op == "queue_infonce":
+        unit = lambda *shape: torch.nn.functional.normalize(  # noqa: E731
+            torch.randn(*shape, device=device), dim=-1)
+        kernels.queue_infonce(unit(2, 8), unit(2, 8), unit(16, 8), 0.2, backend="triton")
+    elif op == "pixel_propagation":
+        kernels.pixel_propagation(torch.randn(1, 4, 8, device=device),
+                                  torch.randn(1, 4, 8, device=device), backend="triton")
     else:
         raise KeyError(op)
 

@@ -60,6 +60,7 @@ class StepContext:
     mark: Callable[[str], None] = field(default=lambda stage: None)
 
     def backend(self, op: str) -> str:
+        """The kernel backend of `op` for this run (engine/fused.py sets every op it knows)."""
         return self.backends.get(op, "auto")
 
     @property
