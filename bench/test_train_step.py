@@ -1,7 +1,17 @@
-"""One full SIM training step, reference (`--no-fused`) vs fused (`--fused`), broken down by stage.
+"""One full training step of every method, reference (`--no-fused`) vs fused (`--fused`), broken
+down by stage.
 
 A step is what `engine.trainer.pretrain` does per optimiser step: wait for the next batch, then
-`optimisation_step` (EMA update, target forward, F, online forward, loss, backward, clip + AdamW).
+`optimisation_step` (EMA update, the method's prepare / forward / loss, backward, enqueue, clip +
+optimiser step). `test_sim_train_step` is SIM's (as before); `test_method_train_step` runs every
+method of engine/methods/ on its published recipe: on CUDA the `<method>-r50` preset (ResNet-50,
+224 px) at the paper's per-GPU batch (MoCo v2 / DenseCL 32, DenseSiam 64, PixPro / LC-loss 128) in
+bf16, on CPU the `<method>-demo-cpu` preset (ResNet-18, CIFAR stem, 32 px) at batch 16, fp32,
+device batch only. The `reference` variant computes each hot op as the official code does
+(DenseCL's materialised logits and similarity matrix, PixPro's (B, N, N) mask and cosines, the
+eager PPM), so `fused / reference` is "ours vs the method in its official code's formulation" in
+the same step; `<method> / mocov2` is the dense method's overhead over its instance baseline
+(DenseCL's paper: < 1%). `extra_info` carries `method` for bench.report.
 
 Parametrised by
   variant  `reference`: the PyTorch ops (`choose_kernels(False)`); `fused`: the Triton kernels that
@@ -40,6 +50,7 @@ import pytest
 import torch
 
 from engine.fused import choose_kernels
+from engine.methods import build_method
 from engine.methods.sim import SIM
 from engine.presets import preset_config
 from engine.stage_timer import StageTimer
@@ -49,7 +60,7 @@ from engine.trainer import (
     make_optimizer,
     optimisation_step,
 )
-from pipelines.augment import recipe_augment
+from pipelines.augment import augment_recipe
 from pipelines.datasets import ImageFolder, sample_photos
 from pipelines.torch_loader import TwoViewLoader
 
@@ -81,8 +92,8 @@ def make_loader(cfg, device: torch.device) -> tuple[TwoViewLoader, dict]:
         dataset = Repeated(dataset, cfg.batch_size)
     workers = int(os.environ.get("DENSESIM_BENCH_WORKERS", cfg.workers))
     workers = min(workers, os.cpu_count() or 1)
-    augment = recipe_augment(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                             blur=cfg.blur)
+    augment = augment_recipe(cfg.augmentation, cfg.img_size, scale=cfg.crop_scale,
+                             ratio=cfg.crop_ratio, blur=cfg.blur, interpolation=cfg.interpolation)
     loader = TwoViewLoader(dataset, augment, batch_size=cfg.batch_size, workers=workers,
                            seed=cfg.seed, pin_memory=device.type == "cuda")
     return loader, {"loader": "torch (pipelines.torch_loader.TwoViewLoader, Pillow workers)",
@@ -222,3 +233,83 @@ def test_stage_hook_changes_nothing():
     assert list(timer.mean_ms()) == ["data_wait", "ema"] and timer.steps == 1
     with pytest.raises(RuntimeError, match="start"):
         StageTimer("cpu")("ema")
+
+
+DENSE_METHODS = ("mocov2", "densecl", "pixpro", "densesiam", "lcloss")
+CPU_METHOD_BATCH = 16
+
+
+def method_config(method: str):
+    if CUDA:
+        cfg = preset_config(f"{method}-r50")      # the paper's per-GPU batch, bf16 autocast
+    else:
+        cfg = preset_config(f"{method}-demo-cpu")
+        cfg.batch_size = CPU_METHOD_BATCH
+    cfg.accum = 1
+    return cfg
+
+
+@pytest.mark.benchmark(group="train_step_methods")
+@pytest.mark.parametrize("variant", ["reference", "fused"])
+@pytest.mark.parametrize("method", DENSE_METHODS)
+def test_method_train_step(benchmark, bench_device, sync, device_ceilings, method, variant):
+    if variant == "fused" and not CUDA:
+        pytest.skip("the Triton kernels run compiled only on a CUDA device (under the CPU "
+                    "interpreter a step would time the interpreter)")
+    cfg = method_config(method)
+    torch.manual_seed(0)
+    model = build_method(cfg).to(bench_device).train()
+    optimizer = make_optimizer(model, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
+    amp_dtype = autocast_dtype(cfg, bench_device)
+    scaler = torch.amp.GradScaler(bench_device.type, enabled=amp_dtype is torch.float16)
+    kernels = choose_kernels(variant == "fused", bench_device)
+    if variant == "fused":
+        assert kernels.any_fused, kernels.message
+    session = StepSession(cfg, model, model, optimizer, scaler, bench_device, amp_dtype,
+                          kernels.backend)
+    loader, data_info = make_loader(cfg, bench_device)
+    stream = loader.stream()
+    batch = next(stream)
+    stream.close()
+    batch = {k: v.to(bench_device) if k in ("view1", "view2") else v for k, v in batch.items()}
+    step = [0]
+
+    def run(stages=None):
+        if stages is not None:
+            stages.start()
+        loss, _, _ = optimisation_step(session, [batch], step[0], cfg.momentum, stages=stages)
+        step[0] += 1
+        sync()
+        return loss
+
+    disabled = getattr(benchmark, "disabled", False)
+    timer = StageTimer(bench_device)
+    for _ in range(1 if disabled else WARMUP):
+        run()
+    loss = benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    for _ in range(1 if disabled else STAGE_ROUNDS):
+        run(timer)
+    assert torch.isfinite(loss).item()
+
+    flops = model.flops_per_image()
+    stats = getattr(benchmark, "stats", None)
+    seconds = stats.stats.median if stats is not None else None
+    img_per_s = cfg.batch_size / seconds if seconds else None
+    achieved = flops * img_per_s / 1e12 if img_per_s else None
+    stages_ms = timer.mean_ms()
+    total_ms = sum(stages_ms.values())
+    peak = (torch.cuda.max_memory_allocated(bench_device) / 2 ** 30
+            if bench_device.type == "cuda" else None)
+    benchmark.extra_info.update(
+        method=method, variant=variant, feed="device_batch", preset=cfg.preset,
+        batch=cfg.batch_size, img_size=cfg.img_size, backbone=cfg.backbone,
+        precision=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+        backends=kernels.backend, **data_info, gflop_per_img=flops / 1e9,
+        step_ms=seconds and 1e3 * seconds, img_per_s=img_per_s, tflops=achieved,
+        mfu=achieved / device_ceilings["matmul_tflops"] if achieved else None,
+        mfu_matmul_dtype=device_ceilings["matmul_dtype"], peak_memory_gib=peak,
+        stages_ms=stages_ms, stage_fraction={k: v / total_ms for k, v in stages_ms.items()},
+        stages_total_ms=total_ms, stage_rounds=timer.steps,
+        stage_sync_overhead=total_ms / (1e3 * seconds) - 1 if seconds else None)
