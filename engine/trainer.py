@@ -241,6 +241,10 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                 "ema_schedule": cfg.ema_schedule, "world_size": group.world_size}
 
     model = build_method(cfg)
+    if model.views.count != 2:
+        # the loaders (torch, DALI, resident) give two views, each with its crop geometry
+        raise RunError(f"method {cfg.method} asks for {model.views}, which the two-view loaders "
+                       f"cannot give")
     # SyncBatchNorm where the method's paper used it (it runs on CUDA only); MoCo-style methods
     # shuffle the keys' batch instead.
     if group.active and device.type == "cuda" and model.sync_batchnorm:
