@@ -110,6 +110,22 @@ def step_config():
     return cfg
 
 
+def bench_session(cfg, device: torch.device, variant: str):
+    """(StepSession of cfg's method on `device`, the kernel choice) for one benchmark case."""
+    torch.manual_seed(0)
+    model = (SIM(cfg) if cfg.method == "sim" else build_method(cfg)).to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    kernels = choose_kernels(variant == "fused", device)
+    if variant == "fused":
+        assert kernels.any_fused, kernels.message
+    return StepSession(cfg, model, model, optimizer, scaler, device, amp_dtype,
+                       kernels.backend), kernels
+
+
 @pytest.mark.benchmark(group="train_step")
 @pytest.mark.parametrize("feed", ["loader", "device_batch"])
 @pytest.mark.parametrize("variant", ["reference", "fused"])
@@ -118,18 +134,8 @@ def test_sim_train_step(benchmark, bench_device, sync, device_ceilings, variant,
         pytest.skip("the Triton kernels run compiled only on a CUDA device (under the CPU "
                     "interpreter a step would time the interpreter)")
     cfg = step_config()
-    torch.manual_seed(0)
-    model = SIM(cfg).to(bench_device).train()
-    optimizer = make_optimizer(model, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4
-    amp_dtype = autocast_dtype(cfg, bench_device)
-    scaler = torch.amp.GradScaler(bench_device.type, enabled=amp_dtype is torch.float16)
-    kernels = choose_kernels(variant == "fused", bench_device)
-    if variant == "fused":
-        assert kernels.any_fused, kernels.message
-    session = StepSession(cfg, model, model, optimizer, scaler, bench_device, amp_dtype,
-                          kernels.backend)
+    session, kernels = bench_session(cfg, bench_device, variant)
+    model, amp_dtype = session.method, session.amp_dtype
     loader, data_info = make_loader(cfg, bench_device)
     stream = loader.stream()
     step = [0]
@@ -257,18 +263,8 @@ def test_method_train_step(benchmark, bench_device, sync, device_ceilings, metho
         pytest.skip("the Triton kernels run compiled only on a CUDA device (under the CPU "
                     "interpreter a step would time the interpreter)")
     cfg = method_config(method)
-    torch.manual_seed(0)
-    model = build_method(cfg).to(bench_device).train()
-    optimizer = make_optimizer(model, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4
-    amp_dtype = autocast_dtype(cfg, bench_device)
-    scaler = torch.amp.GradScaler(bench_device.type, enabled=amp_dtype is torch.float16)
-    kernels = choose_kernels(variant == "fused", bench_device)
-    if variant == "fused":
-        assert kernels.any_fused, kernels.message
-    session = StepSession(cfg, model, model, optimizer, scaler, bench_device, amp_dtype,
-                          kernels.backend)
+    session, kernels = bench_session(cfg, bench_device, variant)
+    model, amp_dtype = session.method, session.amp_dtype
     loader, data_info = make_loader(cfg, bench_device)
     stream = loader.stream()
     batch = next(stream)
