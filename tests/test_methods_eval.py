@@ -166,6 +166,18 @@ def test_correspondence_metric_is_perfect_for_position_features_and_chance_for_n
     assert exact.grid == 8 and exact.cells > 100
     assert exact.hit1 > 0.97 and exact.hit_half > 0.6
     assert exact.hit1 > 3 * exact.chance_hit1
+    assert exact.displaced_cells > 20 and exact.displaced_hit1 > 0.9
+
+    class PositionOnly(nn.Module):
+        """Each cell knows only its grid position (what zero padding gives border cells)."""
+
+        def forward(self, images):
+            return torch.eye(64).reshape(64, 8, 8).expand(images.shape[0], -1, -1, -1)
+
+    shortcut = correspondence_accuracy(PositionOnly(), folder, 64, workers=0,
+                                       indices=[0, 1, 2, 3] * 8, device="cpu")
+    assert shortcut.hit1 == pytest.approx(shortcut.identity_hit1)
+    assert shortcut.displaced_hit1 == 0.0      # the headline gives the shortcut nothing
 
     class Noise(nn.Module):
         def forward(self, images):
@@ -176,6 +188,9 @@ def test_correspondence_metric_is_perfect_for_position_features_and_chance_for_n
                                     device="cpu")
     sd = math.sqrt(noise.chance_hit1 * (1 - noise.chance_hit1) / noise.cells)
     assert abs(noise.hit1 - noise.chance_hit1) < 5 * sd + 0.02
+    sd = math.sqrt(noise.displaced_chance * (1 - noise.displaced_chance)
+                   / max(noise.displaced_cells, 1))
+    assert abs(noise.displaced_hit1 - noise.displaced_chance) < 5 * sd + 0.03
 
 
 def test_crop_pairs_are_a_function_of_the_image_index():
@@ -198,6 +213,8 @@ def test_correspondence_cli_on_a_checkpoint_and_random_init(tmp_path, capsys):
     assert report["method"] == "densecl" and report["step"] == 7 and results["grid"] == 4
     assert 0 <= results["hit@0.5"] <= results["hit@1"] <= 1
     assert 0 < results["chance_hit@0.5"] < results["chance_hit@1"] < 1
+    assert 0 < results["displaced_cells"] < results["overlap_cells"]
+    assert 0 <= results["displaced_hit@1"] <= 1 and 0 < results["identity_hit@1"] < 1
     assert "hit@1" in capsys.readouterr().out
     code = eval_main(["correspondence", "--random-init", "--preset", "densecl-demo-cpu",
                       "--val-data", str(photos), "--workers", "0", "--quiet",

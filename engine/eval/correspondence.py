@@ -8,14 +8,26 @@ features (kernels.dense_match) is compared with the geometric correspondent, the
 view-1 cell's centre located in view 2 (kernels.geometric_correspondence):
 
     hit@1    the matched cell's centre is within one cell of the correspondent in both directions
-             (|Δrow| ≤ 1 and |Δcol| ≤ 1, in view-2 cell units): the metric the issue asks for
+             (|Δrow| ≤ 1 and |Δcol| ≤ 1, in view-2 cell units)
     hit@0.5  the matched cell is the one containing the correspondent (|Δ| ≤ ½): stricter
 
 reported as fractions of all overlap cells, with the chance level of each (the same fraction for a
-match drawn uniformly among the G² cells, computed exactly for the same cells). Instance-level
-objectives (MoCo) pool the map away and need not keep cells apart; dense objectives (DenseCL,
-PixPro, ...) train exactly this, so the metric separates them, and a random-init backbone is the
-floor every trained one should clear.
+match drawn uniformly among the G² cells, computed exactly for the same cells).
+
+The position shortcut. On a small map, matching every cell to the cell at the SAME grid position
+is often right: two random crops of one image overlap a lot, so the content moved by less than a
+cell. Features that only know where a cell sits in its crop (zero padding makes border cells
+recognisable) then score well without matching any content — at 4×4 (a ResNet's C5 on 32 px
+CIFAR) the same-position match scores hit@1 ≈ 0.51, as much as a random-init ResNet. So the
+headline is **hit@1 on displaced cells**: only the overlap cells whose correspondent lies more than
+one cell from their own grid position (where the shortcut is wrong by construction), with its own
+chance level; `identity_hit@1` (the shortcut's score on all overlap cells) is reported beside, and
+`--img-size` evaluates a convolutional backbone on larger renderings of the same crops (a finer
+map, where fewer cells are near their own position).
+
+Instance-level objectives (MoCo) pool the map away and need not keep cells apart; dense objectives
+(DenseCL, PixPro, ...) train the cells, so the metric is meant to separate them, and a random-init
+backbone is the floor every trained one should clear.
 
 Draws are a pure function of (seed, image index), so two checkpoints are compared on the same
 pairs. The crop scale range is (0.25, 1) by default: the views overlap enough for the metric to
@@ -41,22 +53,30 @@ DEFAULT_CROP_SCALE = (0.25, 1.0)
 
 @dataclass
 class CorrespondenceResult:
-    hit1: float            # fraction of overlap cells matched within one cell
-    hit_half: float        # fraction matched to the cell containing the correspondent
-    chance_hit1: float     # the same fractions for a uniformly random match
+    hit1: float              # fraction of overlap cells matched within one cell
+    hit_half: float          # fraction matched to the cell containing the correspondent
+    chance_hit1: float       # the same fractions for a uniformly random match
     chance_half: float
-    cells: int             # overlap cells counted
-    pairs: int             # image pairs evaluated
+    identity_hit1: float     # hit@1 of the same-position shortcut, on all overlap cells
+    displaced_hit1: float    # hit@1 on the displaced cells only (the headline)
+    displaced_chance: float  # its chance level
+    cells: int               # overlap cells counted
+    displaced_cells: int     # of which displaced (shortcut wrong)
+    pairs: int               # image pairs evaluated
     grid: int
 
     def summary(self) -> dict:
-        return {"hit@1": self.hit1, "hit@0.5": self.hit_half, "chance_hit@1": self.chance_hit1,
-                "chance_hit@0.5": self.chance_half, "overlap_cells": self.cells,
+        return {"displaced_hit@1": self.displaced_hit1,
+                "chance_displaced_hit@1": self.displaced_chance,
+                "hit@1": self.hit1, "hit@0.5": self.hit_half, "chance_hit@1": self.chance_hit1,
+                "chance_hit@0.5": self.chance_half, "identity_hit@1": self.identity_hit1,
+                "overlap_cells": self.cells, "displaced_cells": self.displaced_cells,
                 "pairs": self.pairs, "grid": self.grid}
 
 
 class CropPairs(Dataset):
-    """Item i: two uint8 views (3, S, S) of image i, their boxes (2, 4) (y, x, h, w) and flips (2,)."""
+    """Item i: two uint8 views (3, S, S) of image i, their boxes (2, 4) (y, x, h, w) and flips (2,).
+    The boxes and flips depend on (seed, image index) only, not on the rendering size S."""
 
     def __init__(self, folder: ImageFolder, size: int, indices: list[int] | None = None,
                  scale: tuple[float, float] = DEFAULT_CROP_SCALE, seed: int = 0):
@@ -120,8 +140,8 @@ def correspondence_accuracy(encoder: torch.nn.Module, folder: ImageFolder, size:
                         collate_fn=_collate)
     was_training = encoder.training
     encoder.eval()
-    totals = torch.zeros(4, dtype=torch.float64)
-    cells, grid = 0, 0
+    totals = torch.zeros(7, dtype=torch.float64)
+    cells, displaced_cells, grid = 0, 0, 0
     bar = _Progress("correspondence", len(pairs)) if progress else None
     done = 0
     try:
@@ -136,12 +156,21 @@ def correspondence_accuracy(encoder: torch.nn.Module, folder: ImageFolder, size:
             location, overlap = geometric_correspondence(boxes.to(device), flips.to(device),
                                                          grid)
             location = location.double()
+            same_position = torch.arange(grid * grid, device=device).expand_as(match)
+            shortcut = _hits(same_position, location, grid, 1.0)
+            displaced = (overlap & ~shortcut).double()
             overlap = overlap.double()
-            totals[0] += float((_hits(match, location, grid, 1.0) * overlap).sum())
+            hits = _hits(match, location, grid, 1.0)
+            chance = _chance(location, grid, 1.0)
+            totals[0] += float((hits * overlap).sum())
             totals[1] += float((_hits(match, location, grid, 0.5) * overlap).sum())
-            totals[2] += float((_chance(location, grid, 1.0) * overlap).sum())
+            totals[2] += float((chance * overlap).sum())
             totals[3] += float((_chance(location, grid, 0.5) * overlap).sum())
+            totals[4] += float((shortcut * overlap).sum())
+            totals[5] += float((hits * displaced).sum())
+            totals[6] += float((chance * displaced).sum())
             cells += int(overlap.sum())
+            displaced_cells += int(displaced.sum())
             done += batch
             if bar:
                 bar.update(done)
@@ -149,9 +178,11 @@ def correspondence_accuracy(encoder: torch.nn.Module, folder: ImageFolder, size:
         encoder.train(was_training)
         if bar:
             bar.close()
-    denominator = max(cells, 1)
-    hit1, half, chance1, chance_half = (float(v) / denominator for v in totals)
-    return CorrespondenceResult(hit1, half, chance1, chance_half, cells, len(pairs), grid)
+    denominator, moved = max(cells, 1), max(displaced_cells, 1)
+    hit1, half, chance1, chance_half, identity = (float(v) / denominator for v in totals[:5])
+    displaced_hit1, displaced_chance = (float(v) / moved for v in totals[5:])
+    return CorrespondenceResult(hit1, half, chance1, chance_half, identity, displaced_hit1,
+                                displaced_chance, cells, displaced_cells, len(pairs), grid)
 
 
 __all__ = ["CorrespondenceResult", "CropPairs", "DEFAULT_CROP_SCALE", "correspondence_accuracy"]
