@@ -13,7 +13,9 @@ ROWS = [("sim", "SIM (ViT 128d×6, patch 4)", "random-vit"),
         ("mocov2", "MoCo v2", "random-resnet18"), ("densecl", "DenseCL", "random-resnet18"),
         ("pixpro", "PixPro", "random-resnet18"), ("densesiam", "DenseSiam", "random-resnet18"),
         ("lcloss", "LC-loss", "random-resnet18")]
-EXTRA = [("densecl-warmup", "DenseCL, λ warm-up (first half λ = 0)", "random-resnet18")]
+EXTRA = [("densecl-warmup", "DenseCL, λ warm-up (first half λ = 0)", "random-resnet18"),
+         ("densesiam-2x", "DenseSiam, twice the budget", "random-resnet18"),
+         ("densesiam-global-only", "DenseSiam, global term only (SimSiam)", "random-resnet18")]
 
 
 def load(kind: str, name: str) -> dict | None:
@@ -77,6 +79,8 @@ def main() -> None:
     for name, title, baseline in rows:
         grid = corr(name, "grid")
         grid64 = corr(name, "grid", "-64")
+        if grid is None:
+            continue
         print(f"| {title} | {grid}×{grid} | {pct(corr(name))} | {pct(corr(baseline))} | "
               f"{pct(corr(name, 'chance_displaced_hit@1'))} | {pct(corr(name, 'hit@1'))} | "
               f"{pct(corr(name, 'identity_hit@1'))} | "
@@ -84,6 +88,23 @@ def main() -> None:
                  f"{pct(corr(baseline, suffix='-64'))} | "
                  f"{pct(corr(name, 'chance_displaced_hit@1', '-64'))} |"
                  if grid64 else "– | – | – | – |"))
+
+    monitored = [(name, title) for name, title, _ in rows if monitor(name)]
+    if monitored:
+        print()
+        print("Online kNN monitor (k = 200, 1,000 train / 500 test images per class), top-1 %:")
+        print()
+        for name, title in monitored:
+            print(f"- {title}: " + " → ".join(f"{100 * top1:.1f} ({epoch:.2f} ep)"
+                                               for epoch, top1 in monitor(name)))
+
+
+def monitor(name) -> list[tuple[float, float]]:
+    metrics = HERE / f"metrics_{name}.jsonl"
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [(row["epoch"], row["knn_top1"]) for row in rows if "knn_top1" in row]
 
 
 if __name__ == "__main__":
