@@ -160,15 +160,12 @@ def correspondence_accuracy(encoder: torch.nn.Module, folder: ImageFolder, size:
             shortcut = _hits(same_position, location, grid, 1.0)
             displaced = (overlap & ~shortcut).double()
             overlap = overlap.double()
-            hits = _hits(match, location, grid, 1.0)
-            chance = _chance(location, grid, 1.0)
-            totals[0] += float((hits * overlap).sum())
-            totals[1] += float((_hits(match, location, grid, 0.5) * overlap).sum())
-            totals[2] += float((chance * overlap).sum())
-            totals[3] += float((_chance(location, grid, 0.5) * overlap).sum())
-            totals[4] += float((shortcut * overlap).sum())
-            totals[5] += float((hits * displaced).sum())
-            totals[6] += float((chance * displaced).sum())
+            hits, chance = _hits(match, location, grid, 1.0), _chance(location, grid, 1.0)
+            per_cell = [(hits, overlap), (_hits(match, location, grid, 0.5), overlap),
+                        (chance, overlap), (_chance(location, grid, 0.5), overlap),
+                        (shortcut, overlap), (hits, displaced), (chance, displaced)]
+            totals += torch.tensor([float((value * mask).sum()) for value, mask in per_cell],
+                                   dtype=torch.float64)
             cells += int(overlap.sum())
             displaced_cells += int(displaced.sum())
             done += batch
