@@ -1,8 +1,9 @@
 """Triton paths of relpos_embed (the table) and relpos_query_embed (the fused query block).
 
-Checked against float64 formulas written out here (independent of the kernel file's helpers). On a
-CPU-only machine the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by the root
-conftest.py); on a CUDA machine the same tests run on CUDA tensors.
+Checked against float64 formulas written out here (independent of the kernel file's helpers), plus
+the registered ops' Triton implementation (use_triton=True): opcheck, torch.compile, no host sync,
+edge inputs. On a CPU-only machine the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by
+the root conftest.py); on a CUDA machine the same tests run on CUDA tensors.
 """
 import importlib
 import math
@@ -18,6 +19,7 @@ from kernels.relpos_embed import (
     relpos_query_embed,
     relpos_query_embed_reference,
 )
+from tests.host_sync import count_host_syncs
 
 # the package re-exports the function `relpos_embed`, which shadows the submodule attribute
 rk = importlib.import_module("kernels.relpos_embed")
@@ -348,6 +350,22 @@ def _good_args(batch=2, grid=5, dim=20, d_out=20):
     return rel, grid, weight, bias, mask
 
 
+VALUE_NEEDLES = ("dh", "dw", "relflip", "finite")
+
+
+def _value_check_args_on_cpu(args):
+    """The value checks on rel raise a ValueError at once on CPU tensors only: on CUDA they are
+    torch._assert_async (no host sync), whose failure is a device-side assert that poisons the CUDA
+    context of the test process. On a CUDA machine the value-check cases therefore run on CPU
+    copies (backend 'auto': the reference maths op, whose check runs before any work); the CUDA
+    form is tested in a subprocess (test_value_check_on_cuda_is_a_device_side_assert)."""
+    if DEVICE.type != "cuda":
+        return args
+    args = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    args["backend"] = "auto"
+    return args
+
+
 @pytest.mark.parametrize("change,needle", [
     (lambda a: a.update(weight=a["weight"][:, :36]), "weight must be"),          # 2*dim = 36, dim % 4 != 0
     (lambda a: a.update(weight=a["weight"][0]), "weight must be"),
@@ -371,6 +389,8 @@ def test_query_rejects_bad_inputs_before_launch(no_launch, change, needle):
     args = dict(rel=rel, grid=grid, weight=weight.detach(), bias=bias.detach(), mask_token=mask.detach(),
                 out=None, backend="triton")
     change(args)
+    if needle in VALUE_NEEDLES:
+        args = _value_check_args_on_cpu(args)
     with pytest.raises(ValueError, match="relpos_query_embed") as info:
         relpos_query_embed(**args)
     assert needle in str(info.value)
@@ -381,8 +401,9 @@ def test_table_rejects_bad_inputs_before_launch(no_launch):
     with pytest.raises(ValueError, match="dim must be"):
         relpos_embed(rel, 5, 18, backend="triton")
     rel[0, 3] = 0.0
+    args = _value_check_args_on_cpu({"rel": rel, "grid": 5, "dim": 16, "backend": "triton"})
     with pytest.raises(ValueError, match="dw"):
-        relpos_embed(rel, 5, 16, backend="triton")
+        relpos_embed(**args)
 
 
 def test_triton_backend_without_cuda_or_interpreter_raises(monkeypatch):
@@ -422,11 +443,196 @@ def test_check_values_false_skips_only_the_value_checks():
     rel, grid, weight, bias, mask = _good_args()
     bad = rel.clone()
     bad[:, 2] = -1.0  # dh <= 0: rejected by default
+    args = _value_check_args_on_cpu({"rel": bad, "grid": grid, "weight": weight, "bias": bias,
+                                     "mask_token": mask})
     with pytest.raises(ValueError, match="dh"):
-        relpos_query_embed(bad, grid, weight, bias, mask)
+        relpos_query_embed(**args)
     out = relpos_query_embed(bad, grid, weight, bias, mask, check_values=False)
     assert out.shape == (rel.shape[0], grid * grid, weight.shape[0])
     with pytest.raises(ValueError, match="rel must be a float tensor of shape"):
         relpos_query_embed(rel[:, :5], grid, weight, bias, mask, check_values=False)
     torch.testing.assert_close(relpos_query_embed(rel, grid, weight, bias, mask, check_values=False),
                                relpos_query_embed(rel, grid, weight, bias, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops with use_triton=True (the CUDA implementation; the interpreter on CPU)
+# ---------------------------------------------------------------------------------------------
+
+OPS = torch.ops.densesim
+
+
+def test_opcheck_registered_ops_triton():
+    """opcheck of every op's Triton implementation (small shapes: it runs in the interpreter on CPU)."""
+    rel, grid, dim, d_out = _random_rel(3, seed=61), 3, 8, 12
+    weight, bias, mask = _params(d_out, dim, seed=61, mask_shape=(1, 1, d_out))
+    plain = [t.detach() for t in (weight, bias, mask)]
+    torch.library.opcheck(OPS.relpos_embed.default, (rel.clone().requires_grad_(), grid, dim, True, True))
+    torch.library.opcheck(OPS.relpos_query_embed.default,
+                          (rel, weight, bias, mask, grid, torch.float32, True, True, True))
+    torch.library.opcheck(OPS.relpos_query_embed.default,
+                          (rel, *plain, grid, torch.bfloat16, True, True, True))
+    out = torch.empty(3, grid * grid, d_out, dtype=torch.bfloat16, device=DEVICE)
+    torch.library.opcheck(OPS.relpos_query_embed_into.default,
+                          (out, rel, *plain, grid, torch.float32, True, True, True))
+    for gemm_dtype in (torch.float32, torch.bfloat16):
+        _, saved = OPS.relpos_query_embed(rel, *plain, grid, gemm_dtype, True, True, True)
+        assert saved.dtype == gemm_dtype and saved.shape == (3 * (2 * grid + 2) * dim // 2,)
+        grad = torch.randn(3, grid * grid, d_out, device=DEVICE)
+        for need_weight in (True, False):
+            torch.library.opcheck(OPS.relpos_query_embed_backward.default,
+                                  (grad, saved, grid, 2 * dim, gemm_dtype, torch.float32, torch.float32,
+                                   torch.float32, torch.float32, [1, 1, d_out], need_weight, True))
+
+
+def test_no_host_syncs_on_the_triton_path():
+    """Forward + backward of both public ops with backend='triton' and default arguments (value
+    checks ON): zero Python-level reads of a tensor value (on CPU: the interpreted kernels)."""
+    rel, grid, dim, d_out = _random_rel(3, seed=62), 4, 8, 12
+    weight, bias, mask = _params(d_out, dim, seed=62, mask_shape=(1, 1, d_out))
+    with count_host_syncs() as syncs:
+        queries = relpos_query_embed(rel, grid, weight, bias, mask, backend="triton")
+        torch.autograd.grad(queries.sum(), [weight, bias, mask])
+        buffer = torch.zeros(3, 1 + grid * grid, d_out, dtype=torch.bfloat16, device=DEVICE)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            relpos_query_embed(rel, grid, weight, bias, mask, out=buffer[:, 1:], backend="triton")
+        torch.autograd.grad(buffer.float().sum(), [weight, bias, mask])
+        relpos_embed(rel, grid, dim, backend="triton")
+    assert not syncs, syncs.report()
+
+
+@pytest.mark.parametrize("use_out", [False, True])
+def test_triton_path_inside_torch_compile(use_out):
+    """backend='triton' inside a user's fullgraph compiled function: the ops are opaque nodes,
+    forward and backward equal to eager."""
+    rel, grid, dim, d_out = _random_rel(3, seed=63), 5, 12, 20
+    weight, bias, mask = _params(d_out, dim, seed=63, mask_shape=(1, 1, d_out))
+    head = torch.randn(3, 2, d_out, device=DEVICE, requires_grad=True)
+
+    def user(rel, weight, bias, mask, head):
+        if use_out:
+            buffer = head.new_empty(rel.shape[0], 2 + grid * grid, d_out)
+            buffer[:, :2] = head * 2.0
+            relpos_query_embed(rel, grid, weight, bias, mask, out=buffer[:, 2:], backend="triton")
+            queries = buffer
+        else:
+            queries = relpos_query_embed(rel, grid, weight, bias, mask, backend="triton") * 2.0 + head.sum()
+        return (queries * queries).sum() + relpos_embed(rel, grid, dim, backend="triton").sum()
+
+    leaves = [weight, bias, mask, head]
+    loss = torch.compile(user, fullgraph=True, backend="aot_eager")(rel, *leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    expected = user(rel, *leaves)
+    expected_grads = torch.autograd.grad(expected, leaves)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_query_under_autocast_without_out_keeps_weight_dtype():
+    """The Triton path's dtype policy under autocast, as before: no `out` -> weight.dtype (fp32 for
+    SIM's fp32 Linear), fp32 gradients; the numbers follow the low-precision rule against the
+    reference run under the same autocast (which also returns fp32: fp32 mask + bf16 Linear)."""
+    batch, grid, dim = 2, 5, 20
+    rel = _random_rel(batch, seed=64)
+    weight, bias, mask = _params(dim, dim, seed=64, mask_shape=(1, 1, dim))
+    grad_out = torch.randn(batch, grid * grid, dim, device=DEVICE)
+    results = {}
+    for backend in ("triton", "reference"):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            queries = relpos_query_embed(rel, grid, weight, bias, mask, backend=backend)
+        assert queries.dtype == torch.float32
+        grads = torch.autograd.grad(queries, [weight, bias, mask], grad_out)
+        assert [g.dtype for g in grads] == [torch.float32] * 3
+        results[backend] = [queries, *grads]
+    expected, expected_grads = _queries64_and_grads(rel, grid, weight, bias, mask, grad_out)
+    for got, torch_lowp, want in zip(results["triton"], results["reference"], [expected, *expected_grads]):
+        err = float((got.detach().double().cpu() - want).abs().max())
+        torch_err = float((torch_lowp.detach().double().cpu() - want).abs().max())
+        assert err <= 2 * torch_err + 1e-3 * float(want.abs().max()), (err, torch_err)
+
+
+def test_table_empty_batch_and_single_cell():
+    table = relpos_embed(torch.zeros(0, 6, device=DEVICE), 5, 16, backend="triton")
+    assert table.shape == (0, 25, 32) and table.dtype == torch.float32
+    rel = _random_rel(3, seed=65)
+    table = relpos_embed(rel, 1, 16, backend="triton")
+    torch.testing.assert_close(table.double().cpu(), _table64(rel, 1, 16), rtol=0, atol=2e-5)
+
+
+def test_query_empty_batch_into_a_buffer():
+    weight, bias, mask = _params(20, 20, seed=66, mask_shape=(1, 1, 20))
+    head = torch.zeros(0, 2, 20, device=DEVICE, requires_grad=True)
+    buffer = torch.empty(0, 2 + 25, 20, device=DEVICE)
+    buffer[:, :2] = head
+    out = relpos_query_embed(torch.zeros(0, 6, device=DEVICE), 5, weight, bias, mask, out=buffer[:, 2:],
+                             backend="triton")
+    assert out.shape == (0, 25, 20)
+    grads = torch.autograd.grad(buffer.sum(), [weight, bias, mask, head])
+    for grad, like in zip(grads, (weight, bias, mask, head)):
+        assert grad.shape == like.shape and grad.dtype == like.dtype and not grad.any()
+
+
+@pytest.mark.parametrize("case", ["grid1", "single_image_zero_offsets", "zero_offsets_flipped"])
+def test_query_edge_geometry(case):
+    """grid = 1 (one cell: x, y from the one centre), one image, rel with all-zero offsets
+    (identical boxes: di = dj = dj_flip = 0, dh = dw = 1, relflip 0 or 1), against float64."""
+    grid, batch = (1, 3) if case == "grid1" else (5, 1 if case.startswith("single") else 2)
+    rel = _random_rel(batch, seed=67)
+    if "zero_offsets" in case:
+        rel = torch.tensor([[0.0, 0.0, 1.0, 1.0, float(case.endswith("flipped")), 0.0]] * batch,
+                           device=DEVICE)
+    dim, d_out = 12, 20
+    weight, bias, mask = _params(d_out, dim, seed=67)
+    for use_out in (False, True):
+        if use_out:
+            out = torch.full((batch, grid * grid, d_out), float("nan"), device=DEVICE)
+            queries = relpos_query_embed(rel, grid, weight, bias, mask, out=out, backend="triton")
+        else:
+            queries = relpos_query_embed(rel, grid, weight, bias, mask, backend="triton")
+        grad_out = torch.randn(queries.shape, device=DEVICE)
+        expected, expected_grads = _queries64_and_grads(rel, grid, weight, bias, mask, grad_out)
+        _assert_close64(queries, expected)
+        for got, want in zip(torch.autograd.grad(queries, [weight, bias, mask], grad_out), expected_grads):
+            _assert_close64(got, want)
+
+
+def test_launch_plans_are_cached_per_shape():
+    rel, grid, dim, d_out = _random_rel(2, seed=68), 3, 8, 12
+    weight, bias, mask = _params(d_out, dim, seed=68)
+    relpos_query_embed(rel, grid, weight, bias, mask, backend="triton").sum().backward()
+    before = (rk._query_plan.cache_info().hits, rk._reduce_plan.cache_info().hits)
+    relpos_query_embed(rel, grid, weight, bias, mask, backend="triton").sum().backward()
+    after = (rk._query_plan.cache_info().hits, rk._reduce_plan.cache_info().hits)
+    assert after == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_value_check_on_cuda_is_a_device_side_assert():
+    """On CUDA the value check does not sync: the call returns at once, and the failure stops the
+    next synchronisation (a device-side assert, so in a subprocess: it poisons the CUDA context)."""
+    import subprocess
+    import sys
+    code = ("import torch\n"
+            "from kernels import relpos_query_embed\n"
+            "rel = torch.tensor([[0.0, 0.0, -1.0, 1.0, 0.0, 0.0]], device='cuda')\n"
+            "w = torch.randn(8, 16, device='cuda'); b = torch.zeros(8, device='cuda')\n"
+            "q = relpos_query_embed(rel, 3, w, b, b)\n"
+            "print('RETURNED', flush=True)\n"
+            "torch.cuda.synchronize()\n"
+            "print('NOT STOPPED', flush=True)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=root, check=False)
+    assert "RETURNED" in result.stdout, result.stderr
+    assert "NOT STOPPED" not in result.stdout and result.returncode != 0
+
+
+def test_bias_and_mask_gradients_do_not_share_storage():
+    """grad_bias and grad_mask are the same sum: they come back as two tensors (an accumulation into
+    bias.grad must never change mask_token.grad)."""
+    weight, bias, mask = _params(12, 8, seed=69)
+    queries = relpos_query_embed(_random_rel(2, seed=69), 3, weight, bias, mask, backend="triton")
+    queries.sum().backward()
+    assert bias.grad.untyped_storage().data_ptr() != mask.grad.untyped_storage().data_ptr()
+    torch.testing.assert_close(bias.grad, mask.grad, rtol=0, atol=0)
