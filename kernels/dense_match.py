@@ -2,13 +2,22 @@
 and PixPro's loss over the geometric positive pairs, each with a fused Triton path.
 
 dense_match(q, k, backend="auto") -> (idx, sim)                  DENSE.md K2, no gradient
-    q (B, N, C), k (B, M, C), any float dtype, same B and C.
+    q (B, N, C), k (B, M, C), any float dtype, same B and C; B = 0 and N = 0 are allowed (empty
+    outputs), M = 0 is not (nothing to match against).
     idx[b, n] = argmax_m cos(q[b, n], k[b, m])   (B, N) int64
     sim[b, n] = that maximum cosine               (B, N) float32
     Cosines are computed in fp32 (autocast off) from L2-normalised rows (eps 1e-12, so an all-zero
-    row has cosine 0 with everything). Ties: the reference returns whichever index torch.max
-    returns; the Triton kernel returns the smallest index among exactly equal maxima. Inputs must be
-    finite (a NaN row gives an unspecified index). Nothing is differentiable (outputs never require grad).
+    row has cosine 0 with everything). Ties: the SMALLEST index among exactly equal maxima, in both
+    implementations (the reference is torch.max over the key dim, whose documented rule is the first
+    maximal index; the Triton kernel takes the leftmost maximum in a tile and keeps an earlier tile's
+    maximum unless a later one is strictly larger). An all-zero query (every cosine exactly 0)
+    matches key 0. "Exactly equal" is about the computed fp32 cosines: a matmul may round the same
+    key differently in different output columns (the interpreter's numpy dot does), so keys that
+    are equal only mathematically may resolve to another of the tied keys; exactly representable
+    cosines (e.g. rows of +-1 entries) tie exactly and both paths return the smallest index (tested).
+    Key padding never wins: keys past M in a tile score -inf, so all-negative cosines still pick a
+    real key. Inputs must be finite (a NaN row gives an unspecified index). Nothing is
+    differentiable (outputs never require grad).
 
 Geometric correspondence (DENSE.md K3), in the engine's geometry convention:
     boxes (B, 2, 4) = (y, x, h, w) per view in pixels of the ORIGINAL, UNFLIPPED image; flips (B, 2)
@@ -28,7 +37,7 @@ geometric_correspondence(boxes, flips, grid) -> (location, in_overlap)
     map is the identity; this is the same map SIM's relpos_embed encodes, with the views' roles
     swapped. grid_sample_coordinates() turns a location into grid_sample's (x, y) in [-1, 1]
     (align_corners=False), as LC-loss/DenseSiam sample the other view's feature map.
-    (8 floats in, B*grid^2*3 values out: these stay plain PyTorch.)
+    (8 floats in, B*grid^2*3 values out: these stay plain PyTorch, float64 inside.) B = 0 is allowed.
 
 pixpro_positive_mask(boxes, flips, grid, threshold=0.7, *, image_size) -> (B, grid*grid, grid*grid) bool
     PixPro's positive pairs A[b, i, j] (i: view-1 token, j: view-2 token), reproducing the released
@@ -43,13 +52,71 @@ pixpro_positive_mask(boxes, flips, grid, threshold=0.7, *, image_size) -> (B, gr
     what PixPro does. image_size is (H, W) for the whole batch or a (B, 2) tensor of per-image sizes.
     There is no explicit overlap test: pairs outside the intersection simply end up with d >= T.
 
-pixpro_loss(y, z, boxes, flips, grid, threshold=0.7, *, image_size, backend="auto") -> fp32 scalar
+pixpro_loss(y, z, boxes, flips, grid, threshold=0.7, *, image_size, backend="auto") -> 0-d tensor
     DENSE.md §2 "Loss", one direction: y (B, grid^2, C) view-1 online tokens (PPM output), z (B,
     grid^2, C) view-2 target tokens (PixPro detaches z), A = pixpro_positive_mask(...):
         loss = -2 * mean_b [ Σ_ij A_b(i,j) cos(y_bi, z_bj) / (Σ_ij A_b(i,j) + 1e-6) ]
-    An image without positive pairs contributes 0 and still counts in the mean. PixPro's symmetric
-    loss is pixpro_loss(y1, z2, boxes, flips, ...) + pixpro_loss(y2, z1, boxes.flip(1), flips.flip(1), ...).
-    Gradients: dL/dy always, dL/dz only if z requires grad.
+    An image without positive pairs contributes 0 and still counts in the mean; B = 0 is a
+    ValueError (the mean of nothing). PixPro's symmetric loss is pixpro_loss(y1, z2, boxes, flips,
+    ...) + pixpro_loss(y2, z1, boxes.flip(1), flips.flip(1), ...). The loss is fp32 (float64 when y
+    or z is float64 and the reference maths run, as pixpro_loss_reference). Gradients: dL/dy
+    always, dL/dz only if z requires grad.
+
+Registered ops (namespace densesim, torch.library.custom_op, CPU and CUDA implementations, a fake
+(meta) implementation each, so they are opaque nodes in a user's torch.compile graph and work on
+meta tensors; with no host sync inside, nothing in them blocks a CUDA-graph capture -- not yet
+tried on a GPU). use_triton=False runs the reference maths (the CPU
+implementation; also what "auto" runs where Triton cannot), use_triton=True the Triton launchers
+(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
+    densesim::dense_match(Tensor q, Tensor k, bool use_triton) -> (Tensor idx, Tensor sim)
+        autograd registered as non-differentiable (outputs never require grad).
+    densesim::geometric_correspondence(Tensor boxes, Tensor flips, int grid)
+        -> (Tensor location, Tensor in_overlap)
+        the float64 torch maths on either device (no kernel of its own); runs the box/flip value
+        checks; non-differentiable.
+    densesim::pixpro_loss(Tensor y, Tensor z, Tensor boxes, Tensor flips, Tensor image_size,
+                          int grid, float threshold, bool use_triton)
+        -> (loss, rowsum, count, inv_y, norm_y, inv_z, geometry)
+        image_size (B, 2) float64 (H, W). Runs the box/flip/image_size value checks, then
+        rowsum (B, N) = Σ_j A_ij cos_ij, count (B,) = Σ_ij A_ij, inv_y / norm_y (B, N) =
+        1/max(|y_i|, 1e-12) and |y_i|, inv_z (B, M) (fp32, or float64 on the reference maths with
+        a float64 input), and geometry: what that path reads A from -- the reference maths, PixPro's
+        normalised boxes (B, 2, 4) float64 (pixpro_normalised_boxes); the Triton path, the kernels'
+        (B, 8) fp32 token-centre geometry. Only loss is differentiable; the rest is saved for the
+        backward (nothing is recomputed there but, for dL/dz, the swapped row sums).
+    densesim::pixpro_loss_backward(Tensor y, Tensor z, Tensor geometry, Tensor rowsum, Tensor inv_y,
+                                   Tensor norm_y, Tensor inv_z, Tensor weight, int grid,
+                                   float threshold, bool need_y, bool need_z, bool use_triton)
+        -> (grad_y, grad_z)
+        weight (B,) = dL/dcos_ij / A_ij = -2 g / (B (count_b + 1e-6)); grad_y in y's dtype and
+        shape (an empty (0,) tensor when need_y is False), grad_z likewise (the same maths with the
+        views swapped, A_21 = A_12^T, its row sums recomputed). register_autograd connects the two.
+The public functions keep their signatures: backend="reference" runs the plain-autograd
+dense_match_reference / pixpro_loss_reference (what the benchmarks' `compiled` variant compiles and
+what `--no-fused` runs); "auto"/"triton" call the registered op. grid_sample_coordinates,
+pixpro_normalised_boxes and pixpro_positive_mask are plain (traceable) torch functions.
+
+No host sync on the hot path. Shape, dtype and device checks (no value read) raise their one-line
+ValueError in the public function before anything runs. The value checks -- flips 0/1 (non-bool
+flips), finite boxes, box h and w > 0, image_size H and W > 1 -- are device-side
+(_check_on_device: on CPU the same ValueError at once; on CUDA and inside torch.compile
+torch._assert_async, which stops the next synchronisation with the message). They run inside the
+registered ops geometric_correspondence and pixpro_loss (an opaque op checks when it runs, so in a
+compiled CPU graph too the ValueError itself is raised), and in the plain helpers
+pixpro_normalised_boxes and pixpro_positive_mask (traced into a compiled graph they are
+torch._assert_async: a RuntimeError with the same message). There is no opt-out keyword (none
+existed); the checks cost a few tiny reductions per call. dense_match has no value checks (it takes
+no indices). The Triton kernels never need them for memory safety: every load and store is masked
+by the row/key/channel bounds and the per-image geometry is read at b * 8 + [0, 8) for b < B, so
+bad boxes can only give a wrong (e.g. NaN, or no-pair) loss, never an out-of-bounds access. An
+(H, W) tuple image_size becomes a small host-to-device copy; pass a (B, 2) tensor where even that
+must not happen (e.g. inside a CUDA-graph capture).
+
+Launch plans: the per-shape launch decisions (grid, block sizes, single-tile channels, the dot
+precision, num_warps/num_stages) are cached with functools.lru_cache keyed on plain Python values
+(batch, token counts, channels, dtype, GPU or interpreter): _norm_plan, _dense_match_plan,
+_pixpro_plan. The kernels take strides, so non-contiguous inputs are read in place (a copy happens
+only to unify mixed or float64 dtypes).
 
 Triton paths (backend="auto" on CUDA tensors, or "triton"; CPU tensors only under TRITON_INTERPRET=1):
   * _inverse_norm_kernel: one pass over each input, rows' fp32 norm and 1/max(norm, 1e-12).
@@ -72,9 +139,8 @@ Triton paths (backend="auto" on CUDA tensors, or "triton"; CPU tensors only unde
     so the only pairwise work is the masked GEMM G = A·Ẑ: grid (ceil(N/64), ceil(C/64), B), A (times
     1/|z_j|) rebuilt in registers per tile, fp32 operands (16-bit inputs are exact in tf32; the
     "tf32x3" split keeps the fp32 weights' accuracy), no cosine recomputed. dL/dz, when asked for,
-    is the same two kernels with the views swapped (A_21 = A_12^T).
-  Validation (shapes, dtypes, devices, finite boxes, flips 0/1, image_size > 1) runs before any
-  launch; the box/flip/image_size checks read values and so synchronise with the device once per call.
+    is the same two kernels with the views swapped (A_21 = A_12^T). The reference maths of the
+    backward op are the same formula in torch (float64 mask, fp32 or float64 arithmetic).
 
 Roofline. dense_match: 2*B*N*M*C FLOPs, reading q and k once (plus a re-read of k per query block
 from L2) and writing 12 bytes per query row. DenseCL at C5 (B=32, N=M=49, C=2048): 0.31 GFLOP --
@@ -84,6 +150,7 @@ stores none of it: compute-bound, the floor is FLOPs / bf16 tensor-core rate. pi
 size (B=128, 7x7, C=256): 0.16 GFLOP forward + 0.16 backward, 3.2 MB each of bf16 y and z: launch-bound;
 at 14x14: 2.5 + 2.5 GFLOP, 12.8 MB each -- and no (B, N, M) mask (4.9 MB of bool) or cosine matrix.
 """
+import functools
 import math
 import os
 
@@ -100,6 +167,7 @@ except Exception:  # pragma: no cover - depends on the machine
 _BACKENDS = ("auto", "reference", "triton")
 # Cap on similarity entries held at once by the reference (64 MB of fp32).
 _REFERENCE_CHUNK_ENTRIES = 1 << 24
+_NORM_EPS = 1e-12  # F.normalize's eps
 
 
 def _check_backend_name(op_name, backend):
@@ -126,6 +194,37 @@ def _select_backend(op_name, backend, device):
                        f"in the interpreter, or use backend='auto'/'reference'")
 
 
+def _check_on_device(ok: torch.Tensor, message: str) -> None:
+    """A value check without a host sync. `ok` is a 0-d bool tensor on the inputs' device.
+    On CUDA (and inside torch.compile) it is torch._assert_async: the step goes on and a
+    failure stops the next synchronisation with `message`. On CPU there is no device to
+    wait for, so the same check raises ValueError(message) at once."""
+    if ok.device.type == "meta":
+        return
+    if torch.compiler.is_compiling() or ok.device.type != "cpu":
+        torch._assert_async(ok, message)
+        return
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
+class _on_device:
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+
+    def __init__(self, device):
+        self._guard = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self._guard is not None:
+            self._guard.__enter__()
+
+    def __exit__(self, *exc):
+        if self._guard is not None:
+            self._guard.__exit__(*exc)
+
+
 def _pow2_block(size, low, high):
     """Power-of-two block covering `size`, clamped to [low, high] (tl.dot needs >= 16 per dim)."""
     return max(low, min(high, triton.next_power_of_2(max(1, size))))
@@ -139,7 +238,14 @@ def _kernel_compute_dtype(*tensors):
     return torch.float32 if dtype not in (torch.float16, torch.bfloat16, torch.float32) else dtype
 
 
-def _inverse_norms(x, eps=1e-12):
+@functools.lru_cache(maxsize=256)
+def _norm_plan(rows, channels):
+    """_inverse_norm_kernel's launch: (grid, BLOCK_R, BLOCK_C) for `rows` rows of `channels`."""
+    block_r = 32
+    return (triton.cdiv(rows, block_r),), block_r, _pow2_block(channels, 16, 128)
+
+
+def _inverse_norms(x, eps=_NORM_EPS):
     """(B, T) fp32 1 / max(|x_row|, eps) (F.normalize's eps) and the norms |x_row|, from a Triton
     pre-pass that reads x once in its own dtype (torch.linalg.vector_norm(dtype=fp32) would first
     materialise an fp32 copy of x)."""
@@ -149,9 +255,8 @@ def _inverse_norms(x, eps=1e-12):
     rows = batch * tokens
     if rows == 0:
         return inv, norms
-    block_r = 32
-    block_c = _pow2_block(channels, 16, 128)
-    _inverse_norm_kernel[(triton.cdiv(rows, block_r),)](
+    grid, block_r, block_c = _norm_plan(rows, channels)
+    _inverse_norm_kernel[grid](
         x, inv, norms, tokens, channels, rows, x.stride(0), x.stride(1), x.stride(2), eps,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return inv, norms
@@ -186,6 +291,18 @@ def _fp32_region(device):
     return torch.autocast(device_type="cuda" if device.type == "cuda" else "cpu", enabled=False)
 
 
+def _register_no_gradient(op_name, num_inputs):
+    """register_autograd for an op whose outputs are not differentiable (they never require grad,
+    even from inputs that do)."""
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output)
+
+    def backward(ctx, *grads):
+        return (None,) * num_inputs
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
 # ---------------------------------------------------------------------------------------------
 # Feature matching (DenseCL)
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +325,8 @@ def _validate_dense_match(q, k):
 
 
 def dense_match_reference(q, k, chunk_entries=_REFERENCE_CHUNK_ENTRIES):
-    """Plain-PyTorch definition of dense_match: full cosine matrix, built in query-row chunks."""
+    """Plain-PyTorch definition of dense_match: full cosine matrix, built in query-row chunks.
+    Ties: torch.max's first (smallest) maximal index."""
     with torch.no_grad(), _fp32_region(q.device):
         q_unit = F_nn.normalize(q.detach().to(torch.float32), dim=-1)
         k_unit_t = F_nn.normalize(k.detach().to(torch.float32), dim=-1).transpose(1, 2)
@@ -294,12 +412,26 @@ def _dense_match_config(dtype, channels):
     return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_C=64, num_warps=8, num_stages=3)
 
 
+@functools.lru_cache(maxsize=256)
+def _dense_match_plan(batch, num_queries, num_keys, channels, dtype, on_gpu):
+    """(grid, launch keywords) of _dense_match_kernel for one shape; read-only (shared by calls)."""
+    cfg = _dense_match_config(dtype, channels)
+    block_n = min(cfg["BLOCK_N"], _pow2_block(num_queries, 16, 128))
+    block_m = min(cfg["BLOCK_M"], _pow2_block(num_keys, 16, 128))
+    block_c = cfg["BLOCK_C"]
+    grid = (triton.cdiv(num_queries, block_n), batch)
+    return grid, dict(
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_C=block_c, SINGLE_C=block_c >= channels,
+        UPCAST=not on_gpu, DOT_PRECISION="ieee" if (dtype == torch.float32 or not on_gpu) else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def _dense_match_triton(q, k, out_idx=None, out_sim=None):
     """Launch the fused kernel; out_idx/out_sim may be preallocated (B, N) int64 / fp32 buffers."""
     batch, num_queries, channels = q.shape
     num_keys = k.shape[1]
     dtype = _kernel_compute_dtype(q, k)
-    q = q.detach().to(dtype)
+    q = q.detach().to(dtype)  # no copy unless the dtypes are mixed or float64
     k = k.detach().to(dtype)
     idx = out_idx if out_idx is not None else torch.empty(batch, num_queries, dtype=torch.int64,
                                                           device=q.device)
@@ -309,30 +441,43 @@ def _dense_match_triton(q, k, out_idx=None, out_sim=None):
         return idx, sim
     inv_q, _ = _inverse_norms(q)
     inv_k, _ = _inverse_norms(k)
-    on_gpu = q.device.type == "cuda"
-    cfg = _dense_match_config(dtype, channels)
-    block_n = min(cfg["BLOCK_N"], _pow2_block(num_queries, 16, 128))
-    block_m = min(cfg["BLOCK_M"], _pow2_block(num_keys, 16, 128))
-    block_c = cfg["BLOCK_C"]
-    grid = (triton.cdiv(num_queries, block_n), batch)
+    grid, launch = _dense_match_plan(batch, num_queries, num_keys, channels, dtype,
+                                     q.device.type == "cuda")
     _dense_match_kernel[grid](
         q, k, inv_q, inv_k, idx, sim, num_queries, num_keys, channels,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_C=block_c, SINGLE_C=block_c >= channels,
-        UPCAST=not on_gpu, DOT_PRECISION="ieee" if (dtype == torch.float32 or not on_gpu) else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), **launch)
     return idx, sim
+
+
+@torch.library.custom_op("densesim::dense_match", mutates_args=(), device_types=("cpu", "cuda"))
+def _dense_match_op(q: torch.Tensor, k: torch.Tensor, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx (B, N) int64, sim (B, N) fp32): the Triton kernel (use_triton) or the reference maths."""
+    with torch.no_grad(), _fp32_region(q.device):
+        if use_triton:
+            with _on_device(q.device):
+                return _dense_match_triton(q, k)
+        return dense_match_reference(q, k)
+
+
+@_dense_match_op.register_fake
+def _dense_match_fake(q, k, use_triton):
+    rows = q.shape[:2]
+    return q.new_empty(rows, dtype=torch.int64), q.new_empty(rows, dtype=torch.float32)
+
+
+_register_no_gradient("densesim::dense_match", 3)
 
 
 def dense_match(q, k, backend="auto"):
     """Per query token, the most cosine-similar key token: (idx (B, N) int64, sim (B, N) fp32).
-    No gradient flows (DENSE.md K2: matching is not differentiable)."""
+    Ties go to the smallest key index. No gradient flows (DENSE.md K2: matching is not
+    differentiable)."""
     _check_backend_name("dense_match", backend)
     _validate_dense_match(q, k)
-    if _select_backend("dense_match", backend, q.device) == "triton":
-        with torch.no_grad(), _fp32_region(q.device):
-            return _dense_match_triton(q, k)
-    return dense_match_reference(q, k)
+    use_triton = _select_backend("dense_match", backend, q.device) == "triton"
+    if backend == "reference":
+        return dense_match_reference(q, k)
+    return _dense_match_op(q.detach(), k.detach(), use_triton)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +485,7 @@ def dense_match(q, k, backend="auto"):
 # ---------------------------------------------------------------------------------------------
 
 def _validate_views(op, boxes, flips, grid):
+    """Shapes, dtypes, devices and grid: reads no tensor value (see _check_view_values)."""
     if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or tuple(boxes.shape[1:]) != (2, 4) \
             or not boxes.is_floating_point():
         got = f"{boxes.dtype} {tuple(boxes.shape)}" if isinstance(boxes, torch.Tensor) else type(boxes).__name__
@@ -354,18 +500,22 @@ def _validate_views(op, boxes, flips, grid):
                          f"got {flips.device}")
     if isinstance(grid, bool) or not isinstance(grid, int) or grid <= 0:
         raise ValueError(f"{op}: grid must be a positive int, got {grid!r}")
-    if boxes.device.type == "meta" or batch == 0:
+
+
+def _check_view_values(op, boxes, flips):
+    """The value checks on boxes and flips, on the device (no host sync; see _check_on_device)."""
+    if boxes.shape[0] == 0:
         return
-    if flips.dtype != torch.bool and not bool(((flips == 0) | (flips == 1)).all()):
-        raise ValueError(f"{op}: flips must be bool (or 0/1)")
-    if not bool(torch.isfinite(boxes).all()):
-        raise ValueError(f"{op}: boxes must be finite")
-    if bool((boxes[..., 2:] <= 0).any()):
-        raise ValueError(f"{op}: boxes h and w (boxes[..., 2:]) must be > 0")
+    if flips.dtype != torch.bool:
+        _check_on_device(((flips == 0) | (flips == 1)).all(), f"{op}: flips must be bool (or 0/1)")
+    _check_on_device(torch.isfinite(boxes).all(), f"{op}: boxes must be finite")
+    _check_on_device(torch.logical_not((boxes[..., 2:] <= 0).any()),
+                     f"{op}: boxes h and w (boxes[..., 2:]) must be > 0")
 
 
 def _image_size_rows(op, image_size, batch, device):
-    """(B, 2) float64 (H, W) from an (H, W) pair or a (B, 2) / (2,) tensor."""
+    """(B, 2) float64 (H, W) from an (H, W) pair or a (B, 2) / (2,) tensor. Shape only: the values
+    are checked by _check_image_size_values."""
     if isinstance(image_size, torch.Tensor):
         sizes = image_size.to(device=device, dtype=torch.float64)
     elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
@@ -378,9 +528,13 @@ def _image_size_rows(op, image_size, batch, device):
     if tuple(sizes.shape) != (batch, 2):
         raise ValueError(f"{op}: image_size must be (H, W) or a (B, 2) tensor with B={batch}, "
                          f"got shape {tuple(sizes.shape)}")
-    if device.type != "meta" and batch > 0 and bool((sizes <= 1).any()):
-        raise ValueError(f"{op}: image_size H and W must be > 1 (PixPro divides by W-1, H-1)")
     return sizes
+
+
+def _check_image_size_values(op, sizes):
+    if sizes.shape[0] > 0:
+        _check_on_device(torch.logical_not((sizes <= 1).any()),
+                         f"{op}: image_size H and W must be > 1 (PixPro divides by W-1, H-1)")
 
 
 def _token_centre_offsets(grid, device):
@@ -416,12 +570,31 @@ def _correspondence64(boxes, flips, grid):
     return location, in_overlap
 
 
+@torch.library.custom_op("densesim::geometric_correspondence", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _geometric_correspondence_op(boxes: torch.Tensor, flips: torch.Tensor,
+                                 grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(location (B, G*G, 2) fp32, in_overlap (B, G*G) bool), after the device-side value checks."""
+    _check_view_values("geometric_correspondence", boxes, flips)
+    location, in_overlap = _correspondence64(boxes, flips, grid)
+    return location.to(torch.float32), in_overlap
+
+
+@_geometric_correspondence_op.register_fake
+def _geometric_correspondence_fake(boxes, flips, grid):
+    batch, tokens = boxes.shape[0], grid * grid
+    return (boxes.new_empty((batch, tokens, 2), dtype=torch.float32),
+            boxes.new_empty((batch, tokens), dtype=torch.bool))
+
+
+_register_no_gradient("densesim::geometric_correspondence", 3)
+
+
 def geometric_correspondence(boxes, flips, grid):
     """For each view-1 token: (row, col) of its centre in view-2 token units (B, G*G, 2) float32 and
     whether it falls inside view 2 (B, G*G) bool. Swap the views for the inverse map."""
     _validate_views("geometric_correspondence", boxes, flips, grid)
-    location, in_overlap = _correspondence64(boxes, flips, grid)
-    return location.to(torch.float32), in_overlap
+    return _geometric_correspondence_op(boxes.detach(), flips.detach(), grid)
 
 
 def grid_sample_coordinates(location, grid):
@@ -435,10 +608,8 @@ def grid_sample_coordinates(location, grid):
     return normalised.flip(-1)
 
 
-def pixpro_normalised_boxes(boxes, flips, image_size):
-    """(B, 2, 4) float64 PixPro boxes (x0, y0, x1, y1); x0 and x1 swapped for flipped views."""
-    _validate_views("pixpro_normalised_boxes", boxes, flips, 1)
-    sizes = _image_size_rows("pixpro_normalised_boxes", image_size, boxes.shape[0], boxes.device)
+def _normalised_boxes64(boxes, flips, sizes):
+    """pixpro_normalised_boxes without the checks: sizes is the (B, 2) float64 (H, W)."""
     boxes64 = boxes.detach().to(torch.float64)
     y, x, h, w = boxes64.unbind(dim=-1)
     height_span = (sizes[:, 0] - 1)[:, None]
@@ -449,6 +620,16 @@ def pixpro_normalised_boxes(boxes, flips, image_size):
     x0 = torch.where(flipped, right, left)
     x1 = torch.where(flipped, left, right)
     return torch.stack([x0, top, x1, bottom], dim=-1)
+
+
+def pixpro_normalised_boxes(boxes, flips, image_size):
+    """(B, 2, 4) float64 PixPro boxes (x0, y0, x1, y1); x0 and x1 swapped for flipped views."""
+    op = "pixpro_normalised_boxes"
+    _validate_views(op, boxes, flips, 1)
+    sizes = _image_size_rows(op, image_size, boxes.shape[0], boxes.device)
+    _check_view_values(op, boxes, flips)
+    _check_image_size_values(op, sizes)
+    return _normalised_boxes64(boxes, flips, sizes)
 
 
 def pixpro_positive_mask_reference(normalised_boxes, grid, threshold):
@@ -472,11 +653,14 @@ def pixpro_positive_mask_reference(normalised_boxes, grid, threshold):
 
 def pixpro_positive_mask(boxes, flips, grid, threshold=0.7, *, image_size):
     """PixPro positive pairs (B, G*G view-1 tokens, G*G view-2 tokens) bool; see the docstring."""
-    _validate_views("pixpro_positive_mask", boxes, flips, grid)
+    op = "pixpro_positive_mask"
+    _validate_views(op, boxes, flips, grid)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
         raise ValueError(f"pixpro_positive_mask: threshold must be a positive number, got {threshold!r}")
-    normalised = pixpro_normalised_boxes(boxes, flips, image_size)
-    return pixpro_positive_mask_reference(normalised, grid, float(threshold))
+    sizes = _image_size_rows(op, image_size, boxes.shape[0], boxes.device)
+    _check_view_values(op, boxes, flips)
+    _check_image_size_values(op, sizes)
+    return pixpro_positive_mask_reference(_normalised_boxes64(boxes, flips, sizes), grid, float(threshold))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +671,7 @@ _PIXPRO_COUNT_EPS = 1e-6  # PixPro: Σ A·cos / (Σ A + 1e-6)
 
 
 def _validate_pixpro_loss(y, z, boxes, flips, grid, threshold, image_size):
+    """Shapes, dtypes, devices and the Python arguments; returns image_size as (B, 2) float64."""
     op = "pixpro_loss"
     for name, value in (("y", y), ("z", z)):
         if not isinstance(value, torch.Tensor):
@@ -511,7 +696,7 @@ def _validate_pixpro_loss(y, z, boxes, flips, grid, threshold, image_size):
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
             or not math.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"{op}: threshold must be a positive number, got {threshold!r}")
-    _image_size_rows(op, image_size, batch, boxes.device)
+    return _image_size_rows(op, image_size, batch, boxes.device)
 
 
 def pixpro_loss_reference(y, z, boxes, flips, grid, threshold=0.7, *, image_size):
@@ -530,17 +715,22 @@ def pixpro_loss_reference(y, z, boxes, flips, grid, threshold=0.7, *, image_size
         return -2.0 * per_image.mean()
 
 
-def _pixpro_kernel_geometry(boxes, flips, grid, image_size):
+def _geometry_from_normalised(nboxes, grid):
     """(B, 8) fp32 per image, per view v: (x of the column-0 token centre, column step, y of the row-0
     centre, row step), all divided by max(diag_1, diag_2), so that in the kernel
-    A(i, j) = dx² + dy² < T². Derived in float64 from pixpro_normalised_boxes, the numbers the
-    reference uses."""
-    x0, y0, x1, y1 = pixpro_normalised_boxes(boxes, flips, image_size).unbind(dim=-1)  # (B, 2) each
+    A(i, j) = dx² + dy² < T². Derived in float64 from PixPro's normalised boxes (B, 2, 4), the
+    numbers the reference uses."""
+    x0, y0, x1, y1 = nboxes.unbind(dim=-1)                                              # (B, 2) each
     bin_w, bin_h = (x1 - x0) / grid, (y1 - y0) / grid
     max_diag = torch.sqrt(bin_w ** 2 + bin_h ** 2).amax(dim=1, keepdim=True)            # (B, 1)
     params = torch.stack([(x0 + 0.5 * bin_w) / max_diag, bin_w / max_diag,
                           (y0 + 0.5 * bin_h) / max_diag, bin_h / max_diag], dim=-1)    # (B, 2, 4)
     return params.reshape(-1, 8).to(torch.float32).contiguous()
+
+
+def _pixpro_kernel_geometry(boxes, flips, grid, image_size):
+    """The kernels' (B, 8) geometry from boxes/flips/image_size (see _geometry_from_normalised)."""
+    return _geometry_from_normalised(pixpro_normalised_boxes(boxes, flips, image_size), grid)
 
 
 if _TRITON_IMPORTABLE:
@@ -657,8 +847,25 @@ if _TRITON_IMPORTABLE:
                  grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
 
-def _pixpro_blocks(num_rows, num_cols):
-    return _pow2_block(num_rows, 16, 64), _pow2_block(num_cols, 16, 64)
+@functools.lru_cache(maxsize=256)
+def _pixpro_plan(batch, num_rows, num_cols, channels, dtype, on_gpu):
+    """Launches of the forward-rows and backward-rows kernels for one shape and compute dtype:
+    ((grid, keywords), (grid, keywords)); read-only (shared by calls)."""
+    block_i, block_j = _pow2_block(num_rows, 16, 64), _pow2_block(num_cols, 16, 64)
+    c_pad = _pow2_block(channels, 16, 1 << 30)
+    forward_c = c_pad if c_pad <= 256 else 64
+    forward = ((triton.cdiv(num_rows, block_i), batch), dict(
+        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_C=forward_c, SINGLE_C=forward_c >= channels,
+        UPCAST=not on_gpu, DOT_PRECISION="ieee" if (dtype == torch.float32 or not on_gpu) else "tf32",
+        num_warps=8 if block_i * forward_c >= 64 * 128 else 4, num_stages=2))
+    # fp32 inputs: exact fp32 dot; 16-bit inputs are exact in tf32 and the fp32 weights A_ij/|z_j|
+    # keep ~fp32 accuracy through the 3-pass tf32 split.
+    backward_c = _pow2_block(channels, 16, 64)
+    backward = ((triton.cdiv(num_rows, block_i), triton.cdiv(channels, backward_c), batch), dict(
+        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_C=backward_c,
+        DOT_PRECISION="ieee" if (dtype == torch.float32 or not on_gpu) else "tf32x3",
+        num_warps=4, num_stages=2))
+    return forward, backward
 
 
 def _pixpro_forward_rows(y, z, geo, grid, thr_sq, out_rowsum=None, out_rowcnt=None):
@@ -671,85 +878,180 @@ def _pixpro_forward_rows(y, z, geo, grid, thr_sq, out_rowsum=None, out_rowcnt=No
                                                                    device=y.device)
     rowcnt = out_rowcnt if out_rowcnt is not None else torch.empty(batch, num_rows, dtype=torch.float32,
                                                                    device=y.device)
-    on_gpu = y.device.type == "cuda"
-    block_i, block_j = _pixpro_blocks(num_rows, num_cols)
-    c_pad = _pow2_block(channels, 16, 1 << 30)
-    block_c = c_pad if c_pad <= 256 else 64
-    grid_launch = (triton.cdiv(num_rows, block_i), batch)
+    (grid_launch, launch), _ = _pixpro_plan(batch, num_rows, num_cols, channels, y.dtype,
+                                            y.device.type == "cuda")
     _pixpro_fwd_kernel[grid_launch](
         y, z, inv_y, inv_z, geo, rowsum, rowcnt, num_rows, num_cols, channels, grid, thr_sq,
-        y.stride(0), y.stride(1), y.stride(2), z.stride(0), z.stride(1), z.stride(2),
-        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_C=block_c, SINGLE_C=block_c >= channels,
-        UPCAST=not on_gpu,
-        DOT_PRECISION="ieee" if (y.dtype == torch.float32 or not on_gpu) else "tf32",
-        num_warps=8 if block_i * block_c >= 64 * 128 else 4, num_stages=2)
+        y.stride(0), y.stride(1), y.stride(2), z.stride(0), z.stride(1), z.stride(2), **launch)
     return rowsum, rowcnt, inv_y, norm_y, inv_z
 
 
 def _pixpro_backward_rows(y, z, inv_y, norm_y, inv_z, rowsum, weight, geo, grid, thr_sq, out_grad=None):
-    """dL/dy (B, N, C) in y's dtype for per-image weights w_b = dL/dcos_ij / A_ij."""
+    """dL/dy (B, N, C) in y's dtype for per-image weights w_b = dL/dcos_ij / A_ij ((B,) fp32)."""
     batch, num_rows, channels = y.shape
     num_cols = z.shape[1]
     on_gpu = y.device.type == "cuda"
     # The interpreter truncates fp32 -> 16-bit stores: there the rounding is left to torch.
     store_dtype = y.dtype if on_gpu else torch.float32
     grad = out_grad if out_grad is not None else torch.empty(y.shape, dtype=store_dtype, device=y.device)
-    proj = torch.where(norm_y > 1e-12, rowsum, torch.zeros_like(rowsum))
-    block_i, block_j = _pixpro_blocks(num_rows, num_cols)
-    block_c = _pow2_block(channels, 16, 64)
-    grid_launch = (triton.cdiv(num_rows, block_i), triton.cdiv(channels, block_c), batch)
-    # fp32 inputs: exact fp32 dot; 16-bit inputs are exact in tf32 and the fp32 weights A_ij/|z_j|
-    # keep ~fp32 accuracy through the 3-pass tf32 split.
+    proj = torch.where(norm_y > _NORM_EPS, rowsum, torch.zeros_like(rowsum))
+    _, (grid_launch, launch) = _pixpro_plan(batch, num_rows, num_cols, channels, y.dtype, on_gpu)
     _pixpro_bwd_kernel[grid_launch](
         y, z, inv_y, inv_z, geo, proj, weight, grad, num_rows, num_cols, channels, grid, thr_sq,
         y.stride(0), y.stride(1), y.stride(2), z.stride(0), z.stride(1), z.stride(2),
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_C=block_c,
-        DOT_PRECISION="ieee" if (y.dtype == torch.float32 or not on_gpu) else "tf32x3",
-        num_warps=4, num_stages=2)
+        grad.stride(0), grad.stride(1), grad.stride(2), **launch)
     return grad.to(y.dtype)
 
 
-def _swap_views(geo):
-    return geo.view(-1, 2, 4).flip(1).reshape(-1, 8).contiguous()
+def _pixpro_stats_dtype(y_dtype, z_dtype, use_triton):
+    """The dtype of the op's loss and saved statistics: fp32, or float64 on the reference maths
+    when an input is float64 (as pixpro_loss_reference)."""
+    if not use_triton and torch.float64 in (y_dtype, z_dtype):
+        return torch.float64
+    return torch.float32
 
 
-class _PixProLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, z, geo, grid, thr_sq):
-        dtype = _kernel_compute_dtype(y, z)
-        y_k, z_k = y.detach().to(dtype), z.detach().to(dtype)
-        with _fp32_region(y.device):
-            rowsum, rowcnt, inv_y, norm_y, inv_z = _pixpro_forward_rows(y_k, z_k, geo, grid, thr_sq)
-            count = rowcnt.sum(dim=1)                                   # (B,) Σ_ij A
-            per_image = rowsum.sum(dim=1) / (count + _PIXPRO_COUNT_EPS)
-            loss = -2.0 * per_image.mean()
-        ctx.save_for_backward(y_k, z_k, geo, inv_y, norm_y, inv_z, rowsum, count)
-        ctx.grid, ctx.thr_sq = grid, thr_sq
-        ctx.input_dtypes = (y.dtype, z.dtype)
-        return loss
+def _pixpro_rows_reference(y, z, nboxes, grid, threshold, dtype):
+    """The reference maths of _pixpro_forward_rows, in `dtype` from the float64 mask:
+    (rowsum, rowcnt, inv_y, norm_y, inv_z)."""
+    mask = pixpro_positive_mask_reference(nboxes, grid, threshold).to(dtype)
+    y_, z_ = y.to(dtype), z.to(dtype)
+    cosines = torch.bmm(F_nn.normalize(y_, dim=-1), F_nn.normalize(z_, dim=-1).transpose(1, 2))
+    norm_y = torch.linalg.vector_norm(y_, dim=-1)
+    inv_y = 1.0 / norm_y.clamp_min(_NORM_EPS)
+    inv_z = 1.0 / torch.linalg.vector_norm(z_, dim=-1).clamp_min(_NORM_EPS)
+    return (mask * cosines).sum(dim=2), mask.sum(dim=2), inv_y, norm_y, inv_z
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        y_k, z_k, geo, inv_y, norm_y, inv_z, rowsum, count = ctx.saved_tensors
-        batch = y_k.shape[0]
-        grad_y = grad_z = None
-        with torch.no_grad(), _fp32_region(y_k.device):
-            # dL/dcos_ij = -2 A_ij / (B (Σ A + 1e-6)) * grad_loss
-            weight = (grad_loss.to(torch.float32) * (-2.0 / batch) / (count + _PIXPRO_COUNT_EPS)).contiguous()
-            if ctx.needs_input_grad[0]:
-                grad_y = _pixpro_backward_rows(y_k, z_k, inv_y, norm_y, inv_z, rowsum, weight, geo,
-                                               ctx.grid, ctx.thr_sq).to(ctx.input_dtypes[0])
-            if ctx.needs_input_grad[1]:  # PixPro detaches z; this is the same maths with views swapped
-                geo_t = _swap_views(geo)
-                colsum, _, inv_z2, norm_z, inv_y2 = _pixpro_forward_rows(z_k, y_k, geo_t, ctx.grid, ctx.thr_sq)
-                grad_z = _pixpro_backward_rows(z_k, y_k, inv_z2, norm_z, inv_y2, colsum, weight, geo_t,
-                                               ctx.grid, ctx.thr_sq).to(ctx.input_dtypes[1])
-        return grad_y, grad_z, None, None, None
+
+def _pixpro_grad_rows_reference(y, z, nboxes, rowsum, inv_y, norm_y, weight, grid, threshold):
+    """The reference maths of _pixpro_backward_rows (the formula in the module docstring)."""
+    dtype = rowsum.dtype
+    mask = pixpro_positive_mask_reference(nboxes, grid, threshold).to(dtype)
+    gathered = torch.bmm(mask, F_nn.normalize(z.to(dtype), dim=-1))        # Σ_j A_ij ẑ_j
+    proj = torch.where(norm_y > _NORM_EPS, rowsum, torch.zeros_like(rowsum))
+    scale = (weight.to(dtype)[:, None] * inv_y)[..., None]
+    grad = scale * (gathered - (proj * inv_y)[..., None] * y.to(dtype))
+    return grad.to(y.dtype).contiguous()
+
+
+def _pixpro_geometry(nboxes, grid, use_triton):
+    """What the chosen maths read the positive pairs from: the (B, 8) fp32 kernel geometry
+    (_geometry_from_normalised) for the Triton path, the (B, 2, 4) float64 normalised boxes
+    themselves (the float64 mask) for the reference maths."""
+    return _geometry_from_normalised(nboxes, grid) if use_triton else nboxes
+
+
+def _swap_geometry(geometry, use_triton):
+    """The same geometry with the two views swapped (A_21 = A_12^T)."""
+    if use_triton:
+        return geometry.view(-1, 2, 4).flip(1).reshape(-1, 8)
+    return geometry.flip(1)
+
+
+def _pixpro_rows(y, z, geometry, grid, threshold, use_triton):
+    """(rowsum, rowcnt, inv_y, norm_y, inv_z) by the kernels or the reference maths."""
+    if not use_triton:
+        return _pixpro_rows_reference(y, z, geometry, grid, threshold,
+                                      _pixpro_stats_dtype(y.dtype, z.dtype, False))
+    dtype = _kernel_compute_dtype(y, z)
+    with _on_device(y.device):
+        return _pixpro_forward_rows(y.to(dtype), z.to(dtype), geometry, grid, threshold ** 2)
+
+
+def _pixpro_grad_rows(y, z, geometry, rowsum, inv_y, norm_y, inv_z, weight, grid, threshold, use_triton):
+    """dL/dy (B, N, C) in y's dtype by the kernels or the reference maths."""
+    if not use_triton:
+        return _pixpro_grad_rows_reference(y, z, geometry, rowsum, inv_y, norm_y, weight, grid, threshold)
+    dtype = _kernel_compute_dtype(y, z)
+    with _on_device(y.device):
+        grad = _pixpro_backward_rows(y.to(dtype), z.to(dtype), inv_y, norm_y, inv_z, rowsum,
+                                     weight.to(torch.float32).contiguous(), geometry, grid, threshold ** 2)
+    return grad.to(y.dtype)
+
+
+@torch.library.custom_op("densesim::pixpro_loss", mutates_args=(), device_types=("cpu", "cuda"))
+def _pixpro_loss_op(y: torch.Tensor, z: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+                    image_size: torch.Tensor, grid: int, threshold: float, use_triton: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor]:
+    """(loss, rowsum, count, inv_y, norm_y, inv_z, geometry); see the module docstring."""
+    _check_view_values("pixpro_loss", boxes, flips)
+    _check_image_size_values("pixpro_loss", image_size)
+    with torch.no_grad(), _fp32_region(y.device):
+        geometry = _pixpro_geometry(_normalised_boxes64(boxes, flips, image_size), grid, use_triton)
+        rowsum, rowcnt, inv_y, norm_y, inv_z = _pixpro_rows(y, z, geometry, grid, threshold, use_triton)
+        count = rowcnt.sum(dim=1)                                   # (B,) Σ_ij A
+        per_image = rowsum.sum(dim=1) / (count + _PIXPRO_COUNT_EPS)
+        loss = -2.0 * per_image.mean()
+    return loss, rowsum, count, inv_y, norm_y, inv_z, geometry
+
+
+@_pixpro_loss_op.register_fake
+def _pixpro_loss_fake(y, z, boxes, flips, image_size, grid, threshold, use_triton):
+    dtype = _pixpro_stats_dtype(y.dtype, z.dtype, use_triton)
+    batch, num_rows, num_cols = y.shape[0], y.shape[1], z.shape[1]
+    geometry = (y.new_empty((batch, 8), dtype=torch.float32) if use_triton
+                else y.new_empty((batch, 2, 4), dtype=torch.float64))
+    return (y.new_empty((), dtype=dtype), y.new_empty((batch, num_rows), dtype=dtype),
+            y.new_empty((batch,), dtype=dtype), y.new_empty((batch, num_rows), dtype=dtype),
+            y.new_empty((batch, num_rows), dtype=dtype), y.new_empty((batch, num_cols), dtype=dtype),
+            geometry)
+
+
+@torch.library.custom_op("densesim::pixpro_loss_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _pixpro_loss_backward_op(y: torch.Tensor, z: torch.Tensor, geometry: torch.Tensor, rowsum: torch.Tensor,
+                             inv_y: torch.Tensor, norm_y: torch.Tensor, inv_z: torch.Tensor,
+                             weight: torch.Tensor, grid: int, threshold: float, need_y: bool,
+                             need_z: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_y, grad_z), each in its input's dtype and shape, or an empty (0,) tensor when not
+    needed. grad_z is the same maths with the views swapped (its row sums recomputed)."""
+    with torch.no_grad(), _fp32_region(y.device):
+        grad_y = y.new_empty((0,))
+        grad_z = z.new_empty((0,))
+        if need_y:
+            grad_y = _pixpro_grad_rows(y, z, geometry, rowsum, inv_y, norm_y, inv_z, weight, grid,
+                                       threshold, use_triton)
+        if need_z:
+            swapped = _swap_geometry(geometry, use_triton)
+            colsum, _, inv_z2, norm_z, inv_y2 = _pixpro_rows(z, y, swapped, grid, threshold, use_triton)
+            grad_z = _pixpro_grad_rows(z, y, swapped, colsum, inv_z2, norm_z, inv_y2, weight, grid,
+                                       threshold, use_triton)
+    return grad_y, grad_z
+
+
+@_pixpro_loss_backward_op.register_fake
+def _pixpro_loss_backward_fake(y, z, geometry, rowsum, inv_y, norm_y, inv_z, weight, grid, threshold,
+                               need_y, need_z, use_triton):
+    return y.new_empty(y.shape if need_y else (0,)), z.new_empty(z.shape if need_z else (0,))
+
+
+def _pixpro_setup_context(ctx, inputs, output):
+    y, z, boxes, flips, image_size, grid, threshold, use_triton = inputs
+    loss, rowsum, count, inv_y, norm_y, inv_z, geometry = output
+    ctx.mark_non_differentiable(rowsum, count, inv_y, norm_y, inv_z, geometry)
+    ctx.save_for_backward(y, z, geometry, rowsum, count, inv_y, norm_y, inv_z)
+    ctx.grid, ctx.threshold, ctx.use_triton = grid, threshold, use_triton
+
+
+def _pixpro_backward(ctx, grad_loss, *unused):
+    y, z, geometry, rowsum, count, inv_y, norm_y, inv_z = ctx.saved_tensors
+    need_y, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_y = grad_z = None
+    if need_y or need_z:
+        # dL/dcos_ij = -2 A_ij / (B (Σ A + 1e-6)) * grad_loss
+        weight = grad_loss.to(count.dtype) * (-2.0 / y.shape[0]) / (count + _PIXPRO_COUNT_EPS)
+        grad_y, grad_z = _pixpro_loss_backward_op(y, z, geometry, rowsum, inv_y, norm_y, inv_z, weight,
+                                                  ctx.grid, ctx.threshold, need_y, need_z, ctx.use_triton)
+    return (grad_y if need_y else None, grad_z if need_z else None) + (None,) * 6
+
+
+torch.library.register_autograd("densesim::pixpro_loss", _pixpro_backward,
+                                setup_context=_pixpro_setup_context)
 
 
 def pixpro_loss(y, z, boxes, flips, grid, threshold=0.7, *, image_size, backend="auto"):
-    """PixPro's pixel-propagation loss for one direction, A = pixpro_positive_mask(...), fp32 scalar:
+    """PixPro's pixel-propagation loss for one direction, A = pixpro_positive_mask(...), 0-d tensor
+    (fp32; float64 for float64 inputs on the reference maths):
 
         loss = -2 * mean_b [ Σ_ij A_b(i,j) cos(y_bi, z_bj) / (Σ_ij A_b(i,j) + 1e-6) ]
 
@@ -759,8 +1061,9 @@ def pixpro_loss(y, z, boxes, flips, grid, threshold=0.7, *, image_size, backend=
     pixpro_loss(y1, z2, boxes, flips, ...) + pixpro_loss(y2, z1, boxes.flip(1), flips.flip(1), ...).
     Differentiable in y and z (PixPro detaches z: then only dL/dy is computed)."""
     _check_backend_name("pixpro_loss", backend)
-    _validate_pixpro_loss(y, z, boxes, flips, grid, threshold, image_size)
-    if _select_backend("pixpro_loss", backend, y.device) == "reference":
+    sizes = _validate_pixpro_loss(y, z, boxes, flips, grid, threshold, image_size)
+    use_triton = _select_backend("pixpro_loss", backend, y.device) == "triton"
+    if backend == "reference":
         return pixpro_loss_reference(y, z, boxes, flips, grid, threshold, image_size=image_size)
-    geo = _pixpro_kernel_geometry(boxes, flips, grid, image_size)
-    return _PixProLossFunction.apply(y, z, geo, grid, float(threshold) ** 2)
+    return _pixpro_loss_op(y, z, boxes.detach(), flips.detach(), sizes, grid, float(threshold),
+                           use_triton)[0]

@@ -2,15 +2,20 @@
 
 On a CPU-only machine these run the kernels in the Triton interpreter (the root conftest sets
 TRITON_INTERPRET=1), at small shapes chosen so that every block-boundary case is hit: several query
-and key tiles, ragged last tiles, the one-tile and the looped channel paths.
+and key tiles, ragged last tiles, the one-tile and the looped channel paths. Also the registered
+ops' Triton implementation (use_triton=True): opcheck, torch.compile, no host sync, the launch-plan
+cache, and the edge inputs (ties, all-negative cosines next to padded key slots, single rows, empty
+batches, 1x1 grids).
 """
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from host_sync import count_host_syncs
 
-from kernels.dense_match import (dense_match, dense_match_reference, pixpro_loss, pixpro_loss_reference,
+from kernels.dense_match import (dense_match, dense_match_reference, geometric_correspondence,
+                                 grid_sample_coordinates, pixpro_loss, pixpro_loss_reference,
                                  pixpro_positive_mask)
 
 # the module, not the function `kernels.dense_match` that kernels/__init__.py re-exports
@@ -350,3 +355,174 @@ def test_pixpro_loss_validates_before_any_launch(monkeypatch):
                         image_size=args["image_size"], backend="triton")
     with pytest.raises(ValueError, match="pixpro_loss: backend"):
         pixpro_loss(y, y, boxes, flips, grid, image_size=(50, 50), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: the registered ops' Triton implementation (use_triton=True): opcheck, torch.compile,
+# no host sync, the launch-plan cache, edge inputs against float64 and against the reference path
+# ---------------------------------------------------------------------------------------------
+
+def test_opcheck_registered_ops_triton():
+    """opcheck on the Triton implementation (in the interpreter on a CPU-only machine)."""
+    q, k = _queries_with_clear_best_key(2, 19, 21, 6)
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    torch.library.opcheck(torch.ops.densesim.dense_match.default, (q.clone().requires_grad_(), k, True))
+    torch.library.opcheck(torch.ops.densesim.dense_match.default, (q.bfloat16(), k.bfloat16(), True))
+    grid, batch = 3, 3
+    boxes, flips, sizes = _views_with_special_cases(batch)
+    boxes, flips, sizes = _to_device(boxes, flips, sizes)
+    forward = torch.ops.densesim.pixpro_loss.default
+    backward = torch.ops.densesim.pixpro_loss_backward.default
+    y = torch.randn(batch, grid * grid, 5, device=DEVICE)
+    z = torch.randn(batch, grid * grid, 5, device=DEVICE)
+    torch.library.opcheck(forward, (y.clone().requires_grad_(), z.clone().requires_grad_(), boxes, flips,
+                                    sizes, grid, 1.3, True))
+    torch.library.opcheck(forward, (y.clone().requires_grad_(), z, boxes, flips, sizes, grid, 0.7, True))
+    _, rowsum, count, inv_y, norm_y, inv_z, geometry = forward(y, z, boxes, flips, sizes, grid, 1.3, True)
+    assert torch.equal(geometry, dm._pixpro_kernel_geometry(boxes, flips, grid, sizes))
+    weight = torch.rand(batch, device=DEVICE)
+    for need_y, need_z in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(backward, (y, z, geometry, rowsum, inv_y, norm_y, inv_z, weight, grid, 1.3,
+                                         need_y, need_z, True))
+
+
+def test_no_host_syncs_triton():
+    """The interpreted Triton path, forward and backward, value checks on: no Python-level read of
+    a tensor value (each would be a host sync on CUDA)."""
+    grid = 4
+    boxes, flips, sizes = _to_device(*_views_with_special_cases(3))
+    q, k = _to_device(*_queries_with_clear_best_key(2, 9, 7, 6))
+    y = torch.randn(3, grid * grid, 6, device=DEVICE, requires_grad=True)
+    z = torch.randn(3, grid * grid, 6, device=DEVICE, requires_grad=True)
+    with count_host_syncs() as syncs:
+        dense_match(q, k, backend="triton")
+        location, _ = geometric_correspondence(boxes, flips, grid)
+        grid_sample_coordinates(location, grid)
+        loss = pixpro_loss(y, z, boxes, flips, grid, image_size=sizes, backend="triton")
+        loss = loss + pixpro_loss(z, y, boxes.flip(1), flips.flip(1), grid, image_size=(300, 320),
+                                  backend="triton")
+        loss.backward()
+    assert not syncs, syncs.report()
+    assert y.grad is not None and z.grad is not None
+
+
+def test_ops_inside_torch_compile_triton():
+    """The drop-in use with the Triton kernels: a user's fullgraph-compiled step, forward and
+    backward, equals eager (the same opaque ops run: equal up to fp32 rounding)."""
+    grid, batch, channels = 4, 3, 10
+    boxes, flips, sizes = _to_device(*_views_with_special_cases(batch))
+    q, k = _to_device(*_queries_with_clear_best_key(2, 13, 9, 8))
+    y0 = torch.randn(batch, grid * grid, channels, device=DEVICE)
+    z0 = torch.randn(batch, grid * grid, channels, device=DEVICE)
+
+    def step(q, k, y, z, boxes, flips, sizes):
+        idx, sim = dense_match(q, k, backend="triton")
+        loss = pixpro_loss(y, z, boxes, flips, grid, 1.3, image_size=sizes, backend="triton")
+        loss = loss + pixpro_loss(z, y, boxes.flip(1), flips.flip(1), grid, image_size=sizes, backend="triton")
+        return loss * 2.0, idx, sim
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, step):
+        y, z = y0.clone().requires_grad_(), z0.clone().requires_grad_()
+        loss, idx, sim = fn(q, k, y, z, boxes, flips, sizes)
+        loss.backward()
+        results.append((loss.detach(), y.grad, z.grad, idx, sim))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_launch_plans_are_cached():
+    q, k = _to_device(*_queries_with_clear_best_key(2, 23, 29, 12))
+    dense_match(q, k, backend="triton")
+    before = dm._dense_match_plan.cache_info().hits
+    dense_match(q, k, backend="triton")
+    assert dm._dense_match_plan.cache_info().hits == before + 1
+    boxes, flips, sizes = _to_device(*_views_with_special_cases(2))
+    y = torch.randn(2, 9, 5, device=DEVICE, requires_grad=True)
+    pixpro_loss(y, y.detach(), boxes, flips, 3, image_size=sizes, backend="triton").backward()
+    before = dm._pixpro_plan.cache_info().hits
+    pixpro_loss(y, y.detach(), boxes, flips, 3, image_size=sizes, backend="triton").backward()
+    assert dm._pixpro_plan.cache_info().hits == before + 2  # forward rows + backward rows
+
+
+def _dyadic_rows(batch, rows, channels, nonzeros, gen, sign=None):
+    """Rows with `nonzeros` entries of +-1: with nonzeros a power of 4 all cosines are exact in any
+    summation order, so ties are exact and decided by the tie rule alone."""
+    values = torch.zeros(batch, rows, channels)
+    order = torch.rand(batch, rows, channels, generator=gen).argsort(dim=-1)[..., :nonzeros]
+    signs = torch.randint(0, 2, (batch, rows, nonzeros), generator=gen).float() * 2 - 1
+    return values.scatter(-1, order, signs if sign is None else torch.full_like(signs, sign))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_match_triton_ties_agree_with_the_reference(dtype):
+    """Tie rule: the smallest index among exactly equal cosines, as torch.argmax and the reference.
+    150 keys = 3 key tiles (fp32 tiles of 64; 16-bit 64) and 37 queries (a ragged query tile)."""
+    gen = torch.Generator().manual_seed(97)
+    q = _dyadic_rows(3, 37, 16, 4, gen)
+    k = _dyadic_rows(3, 150, 16, 4, gen)
+    idx, sim = dense_match(q.to(DEVICE, dtype), k.to(DEVICE, dtype), backend="triton")
+    cosines = _cosines64(q, k)
+    assert torch.equal(idx.cpu(), cosines.argmax(-1))
+    assert torch.equal(idx.cpu(), dense_match(q, k, backend="auto")[0])  # the reference op path
+    assert torch.equal(sim.cpu().double(), cosines.amax(-1))
+    # all-equal keys: key 0 everywhere; all-zero queries: key 0, similarity 0
+    idx, _ = dense_match(q.to(DEVICE, dtype), k[:, :1].expand(-1, 150, -1).to(DEVICE, dtype), backend="triton")
+    assert not idx.any()
+    idx, sim = dense_match(torch.zeros(2, 5, 16, device=DEVICE, dtype=dtype), k[:2].to(DEVICE, dtype),
+                           backend="triton")
+    assert not idx.any() and not sim.any()
+
+
+@pytest.mark.parametrize("num_queries,num_keys", [(77, 33), (5, 65), (1, 1), (3, 1)])
+def test_dense_match_triton_all_negative_similarities_never_pick_padding(num_queries, num_keys):
+    """Every cosine < 0 while padded key slots (past M in the last tile) would score 0 if they were
+    not masked to -inf: the index stays in range and is the float64 maximum."""
+    gen = torch.Generator().manual_seed(num_queries * 1000 + num_keys)
+    q = torch.rand(2, num_queries, 9, generator=gen) + 0.05
+    k = -(torch.rand(2, num_keys, 9, generator=gen) + 0.05)
+    idx, sim = dense_match(q.to(DEVICE), k.to(DEVICE), backend="triton")
+    idx, sim = idx.cpu(), sim.cpu()
+    cosines = _cosines64(q, k)
+    assert (cosines < 0).all() and (sim < 0).all() and ((idx >= 0) & (idx < num_keys)).all()
+    torch.testing.assert_close(sim.double(), cosines.amax(-1), rtol=0, atol=2e-6)
+    assert (cosines.amax(-1) - cosines.gather(-1, idx[..., None])[..., 0] <= 2e-6).all()
+    # exact negative cosines (-1/4, -1/2, -1) with ties
+    q = torch.ones(2, num_queries, 16)
+    k = _dyadic_rows(2, num_keys, 16, 4, gen, sign=-1.0)
+    k[:, 1::3] = _dyadic_rows(2, len(range(1, num_keys, 3)), 16, 1, gen, sign=-1.0)
+    idx, sim = dense_match(q.to(DEVICE), k.to(DEVICE), backend="triton")
+    assert torch.equal(idx.cpu(), _cosines64(q, k).argmax(-1)) and (sim < 0).all()
+
+
+@pytest.mark.parametrize("batch,num_queries,num_keys,channels", [
+    (1, 1, 1, 1), (2, 1, 5, 3), (2, 6, 1, 4), (0, 5, 3, 4), (3, 0, 4, 2)])
+def test_dense_match_triton_single_rows_and_empty_batches(batch, num_queries, num_keys, channels):
+    q, k = torch.randn(batch, num_queries, channels), torch.randn(batch, num_keys, channels)
+    idx, sim = dense_match(q.to(DEVICE), k.to(DEVICE), backend="triton")
+    assert idx.shape == sim.shape == (batch, num_queries)
+    assert idx.dtype == torch.int64 and sim.dtype == torch.float32
+    cosines = _cosines64(q, k)
+    idx, sim = idx.cpu(), sim.cpu()
+    if channels == 1:  # cosines are exactly +-1: ties, the first maximal key wins
+        assert torch.equal(idx, cosines.argmax(-1))
+    else:
+        assert (cosines.amax(-1) - cosines.gather(-1, idx[..., None])[..., 0] <= 2e-6).all()
+    torch.testing.assert_close(sim.double(), cosines.amax(-1), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("grid,batch", [(1, 3), (2, 1)])
+def test_pixpro_loss_triton_single_token_grids(grid, batch):
+    """A 1x1 grid (one token per view, one candidate pair per image) and B = 1 against float64."""
+    boxes, flips, sizes = _views_with_special_cases(batch)
+    y = torch.randn(batch, grid * grid, 7, device=DEVICE, requires_grad=True)
+    z = torch.randn(batch, grid * grid, 7, device=DEVICE, requires_grad=True)
+    boxes_d, flips_d = _to_device(boxes, flips)
+    loss = pixpro_loss(y, z, boxes_d, flips_d, grid, 1.3, image_size=sizes, backend="triton")
+    grad_y, grad_z = torch.autograd.grad(loss, (y, z))
+    ref_loss, ref_y, ref_z = _reference64(y, z, boxes, flips, grid, 1.3, sizes)
+    assert abs(float(loss.detach()) - float(ref_loss)) <= 1e-6
+    for got, want in ((grad_y, ref_y), (grad_z, ref_z)):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4,
+                                   atol=1e-5 * float(want.abs().max()) + 1e-12)
