@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from engine.checkpoint import CHECKPOINT_NAME, CheckpointError
+from engine.compile import COMPILE_MODES
 from engine.methods import METHODS, check_method_config
 from engine.presets import (BACKBONES, DEFAULT_PRESET, LOADERS, PRESETS, ConfigError, demo_preset,
                             preset_config)
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                         help="use the Triton kernels where this machine can run them (says in "
                              "one line what it falls back to); --no-fused: PyTorch reference path")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=list(COMPILE_MODES), metavar="MODE",
+                        help="regional torch.compile of the method's blocks, heads and norms "
+                             "(the kernels stay opaque ops); MODE: default, reduce-overhead "
+                             "(CUDA graphs; fixed-shape batches) or max-autotune-no-cudagraphs")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--loader", choices=list(LOADERS), default=None,
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is None:
             out = Path("runs") / preset / time.strftime("%Y%m%d-%H%M%S")
         run = RunOptions(out=out, data=args.data, device=args.device, fused=args.fused,
+                         compile=args.compile,
                          eval_data=parse_eval_data(args.eval_data),
                          resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,
                          resume_overrides={k: v for k, v in overrides.items() if v is not None})

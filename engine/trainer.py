@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine.checkpoint import (CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state,
                                save_checkpoint)
+from engine.compile import CompiledRegions, compile_regions
 from engine.distributed import ProcessGroupInfo, init_from_environment, mean_over_ranks, shutdown
 from engine.eval import OnlineKnn
 from engine.fused import choose_kernels
@@ -55,6 +56,8 @@ class RunOptions:
     eval_data: tuple[str, str] | None = None
     # On --resume the run's own config is used; only these (e.g. steps, workers) may change.
     resume_overrides: dict = field(default_factory=dict)
+    # --compile [MODE]: regional torch.compile (engine/compile.py); None runs eagerly.
+    compile: str | None = None
 
 
 def log(message: str, quiet: bool = False) -> None:
@@ -133,6 +136,20 @@ def wrap_data_parallel(model: Method, device: torch.device, group: ProcessGroupI
         torch.distributed.broadcast(buffer, src=0)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                    else None, broadcast_buffers=False)
+
+
+def compile_model(model: Method, mode: str | None, device: torch.device,
+                  quiet: bool) -> CompiledRegions | None:
+    """--compile: the method's blocks, heads and norms compiled in place (engine/compile.py)."""
+    if mode is None:
+        return None
+    if mode == "reduce-overhead" and device.type != "cuda":
+        log(f"--compile reduce-overhead captures CUDA graphs; on {device.type} it compiles in "
+            f"the default mode", quiet)
+        mode = "default"
+    compiled = compile_regions(model, mode)
+    log(compiled.describe() + " (compiled on the first step)", quiet)
+    return compiled
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -260,6 +277,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         restore_rng_state(checkpoint["rng"])
         start_step, position = checkpoint["step"], checkpoint["data_position"]
         log(f"resuming {out} at step {start_step}/{total_steps}", quiet)
+    compiled = compile_model(model, run.compile, device, quiet)
     online = wrap_data_parallel(model, device, group)
     if group.is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -293,7 +311,9 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     run_started, last_eval = time.perf_counter(), None
 
     def evaluate_now(at_step: int) -> dict:
-        result = monitor.evaluate(model.encoder)
+        # the monitor's batches differ from training's: no compiles for them
+        with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
+            result = monitor.evaluate(model.encoder)
         metrics.write({"step": at_step, "epoch": round(at_step / steps_per_epoch, 4), **result,
                        "elapsed": time.perf_counter() - run_started, "time": time.time()})
         line = (f"step {at_step}: kNN top-1 {result['knn_top1']:.4f} "
@@ -323,7 +343,11 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                 log(f"skipped unreadable image: {name}", quiet)
         data_wait = time.perf_counter() - step_started
 
+        if compiled and compiled.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free
         step_loss, grad_norm, figures = optimisation_step(session, batches, step, momentum)
+        if compiled and step == start_step:
+            log(compiled.first_step_message(time.perf_counter() - step_started), quiet)
 
         # Bookkeeping: host syncs only at log steps.
         last_step = step + 1

@@ -28,6 +28,22 @@ def _as_tensor(value, name, device=None):
         raise ValueError(f"{name} must be a tensor or array-like, got {type(value).__name__}") from error
 
 
+def _check_on_device(ok: torch.Tensor, message: str) -> None:
+    """A value check without a host sync (this runs inside the training step, where the boxes may
+    be CUDA tensors from the device-resident loader): on CUDA, and inside torch.compile, a
+    device-side assert (torch._assert_async; a failure stops the next synchronisation with
+    `message`); on CPU the same check raises ValueError(message) at once."""
+    if ok.device.type == "meta":
+        return
+    if torch.compiler.is_compiling() or ok.device.type != "cpu":
+        torch._assert_async(ok, message)
+        return
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
 def _validated_views(boxes, flips):
     """(boxes float64 (B, 2, 4), flips bool (B, 2)) after checking shapes and positive sizes."""
     boxes = _as_tensor(boxes, "boxes")
@@ -39,12 +55,10 @@ def _validated_views(boxes, flips):
         raise ValueError(f"flips must have shape (B, 2) with B={boxes.shape[0]}, "
                          f"got {tuple(flips.shape)}")
     if flips.dtype != torch.bool:
-        if not bool(((flips == 0) | (flips == 1)).all()):
-            raise ValueError("flips must be bool (or 0/1)")
+        _check_on_device(((flips == 0) | (flips == 1)).all(), "flips must be bool (or 0/1)")
         flips = flips != 0
     boxes = boxes.to(torch.float64)
-    if boxes.numel() and bool((boxes[..., 2:] <= 0).any()):
-        raise ValueError("boxes h and w (boxes[..., 2:]) must be > 0")
+    _check_on_device((boxes[..., 2:] > 0).all(), "boxes h and w (boxes[..., 2:]) must be > 0")
     return boxes, flips
 
 
@@ -56,8 +70,7 @@ def _image_sizes(image_size, batch, device):
     if tuple(sizes.shape) != (batch, 2):
         raise ValueError(f"image_size must be (H, W) or have shape (B, 2) with B={batch}, "
                          f"got shape {tuple(sizes.shape)}")
-    if sizes.numel() and bool((sizes <= 0).any()):
-        raise ValueError("image_size H and W must be > 0")
+    _check_on_device((sizes > 0).all(), "image_size H and W must be > 0")
     return sizes
 
 

@@ -147,6 +147,7 @@ def test_fixed_trip_count_path_is_identical(monkeypatch, grid, k):
     """The CPU early exit and the sync-free fixed number of rounds (the CUDA path) agree exactly."""
     import engine.masking as masking
 
+    monkeypatch.setattr(masking, "_EARLY_EXIT_ON_CPU", True)
     early = block_mask(256, grid, k, generator=gen(15), return_topup=True)
     monkeypatch.setattr(masking, "_EARLY_EXIT_ON_CPU", False)
     fixed = block_mask(256, grid, k, generator=gen(15), return_topup=True)
