@@ -126,6 +126,31 @@ def bench_session(cfg, device: torch.device, variant: str):
                        kernels.backend), kernels
 
 
+def record_step(benchmark, cfg, session: StepSession, kernels, timer: StageTimer,
+                device_ceilings: dict, **info) -> None:
+    """The step's figures into extra_info: rate, model FLOP rate and MFU, and the stage table."""
+    flops = session.method.flops_per_image()
+    stats = getattr(benchmark, "stats", None)
+    seconds = stats.stats.median if stats is not None else None
+    img_per_s = cfg.batch_size / seconds if seconds else None
+    achieved = flops * img_per_s / 1e12 if img_per_s else None
+    stages_ms = timer.mean_ms()
+    total_ms = sum(stages_ms.values())
+    amp_dtype = session.amp_dtype
+    benchmark.extra_info.update(
+        preset=cfg.preset, batch=cfg.batch_size, img_size=cfg.img_size,
+        precision=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+        backends=kernels.backend, gflop_per_img=flops / 1e9,
+        step_ms=seconds and 1e3 * seconds, img_per_s=img_per_s, tflops=achieved,
+        mfu=achieved / device_ceilings["matmul_tflops"] if achieved else None,
+        mfu_matmul_dtype=device_ceilings["matmul_dtype"],
+        stages_ms=stages_ms, stage_fraction={k: v / total_ms for k, v in stages_ms.items()},
+        stages_total_ms=total_ms, stage_rounds=timer.steps,
+        stage_sync_overhead=total_ms / (1e3 * seconds) - 1 if seconds else None,
+        data_wait_fraction=stages_ms["data_wait"] / total_ms if "data_wait" in stages_ms
+        else None, **info)
+
+
 @pytest.mark.benchmark(group="train_step")
 @pytest.mark.parametrize("feed", ["loader", "device_batch"])
 @pytest.mark.parametrize("variant", ["reference", "fused"])
@@ -135,7 +160,6 @@ def test_sim_train_step(benchmark, bench_device, sync, device_ceilings, variant,
                     "interpreter a step would time the interpreter)")
     cfg = step_config()
     session, kernels = bench_session(cfg, bench_device, variant)
-    model, amp_dtype = session.method, session.amp_dtype
     loader, data_info = make_loader(cfg, bench_device)
     stream = loader.stream()
     step = [0]
@@ -171,25 +195,8 @@ def test_sim_train_step(benchmark, bench_device, sync, device_ceilings, variant,
         stream.close()                                  # stops the loader's workers
     assert torch.isfinite(loss).item()
 
-    flops = model.flops_per_image()
-    stats = getattr(benchmark, "stats", None)
-    seconds = stats.stats.median if stats is not None else None
-    img_per_s = cfg.batch_size / seconds if seconds else None
-    achieved = flops * img_per_s / 1e12 if img_per_s else None
-    stages_ms = timer.mean_ms()
-    total_ms = sum(stages_ms.values())
-    benchmark.extra_info.update(
-        variant=variant, feed=feed, preset=cfg.preset, batch=cfg.batch_size,
-        img_size=cfg.img_size, precision=str(amp_dtype).removeprefix("torch.") if amp_dtype
-        else "fp32", backends=kernels.backend, **data_info,
-        gflop_per_img=flops / 1e9, step_ms=seconds and 1e3 * seconds, img_per_s=img_per_s,
-        tflops=achieved, mfu=achieved / device_ceilings["matmul_tflops"] if achieved else None,
-        mfu_matmul_dtype=device_ceilings["matmul_dtype"],
-        stages_ms=stages_ms, stage_fraction={k: v / total_ms for k, v in stages_ms.items()},
-        stages_total_ms=total_ms, stage_rounds=timer.steps,
-        stage_sync_overhead=total_ms / (1e3 * seconds) - 1 if seconds else None,
-        data_wait_fraction=stages_ms["data_wait"] / total_ms if "data_wait" in stages_ms
-        else None)
+    record_step(benchmark, cfg, session, kernels, timer, device_ceilings, variant=variant,
+                feed=feed, **data_info)
 
 
 def test_stage_hook_changes_nothing():
@@ -264,7 +271,6 @@ def test_method_train_step(benchmark, bench_device, sync, device_ceilings, metho
                     "interpreter a step would time the interpreter)")
     cfg = method_config(method)
     session, kernels = bench_session(cfg, bench_device, variant)
-    model, amp_dtype = session.method, session.amp_dtype
     loader, data_info = make_loader(cfg, bench_device)
     stream = loader.stream()
     batch = next(stream)
@@ -289,23 +295,73 @@ def test_method_train_step(benchmark, bench_device, sync, device_ceilings, metho
         run(timer)
     assert torch.isfinite(loss).item()
 
-    flops = model.flops_per_image()
-    stats = getattr(benchmark, "stats", None)
-    seconds = stats.stats.median if stats is not None else None
-    img_per_s = cfg.batch_size / seconds if seconds else None
-    achieved = flops * img_per_s / 1e12 if img_per_s else None
-    stages_ms = timer.mean_ms()
-    total_ms = sum(stages_ms.values())
     peak = (torch.cuda.max_memory_allocated(bench_device) / 2 ** 30
             if bench_device.type == "cuda" else None)
-    benchmark.extra_info.update(
-        method=method, variant=variant, feed="device_batch", preset=cfg.preset,
-        batch=cfg.batch_size, img_size=cfg.img_size, backbone=cfg.backbone,
-        precision=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
-        backends=kernels.backend, **data_info, gflop_per_img=flops / 1e9,
-        step_ms=seconds and 1e3 * seconds, img_per_s=img_per_s, tflops=achieved,
-        mfu=achieved / device_ceilings["matmul_tflops"] if achieved else None,
-        mfu_matmul_dtype=device_ceilings["matmul_dtype"], peak_memory_gib=peak,
-        stages_ms=stages_ms, stage_fraction={k: v / total_ms for k, v in stages_ms.items()},
-        stages_total_ms=total_ms, stage_rounds=timer.steps,
-        stage_sync_overhead=total_ms / (1e3 * seconds) - 1 if seconds else None)
+    record_step(benchmark, cfg, session, kernels, timer, device_ceilings, method=method,
+                variant=variant, feed="device_batch", backbone=cfg.backbone,
+                peak_memory_gib=peak, **data_info)
+
+
+# ------------------------------------------------------------------ compiled steps (issue 10)
+COMPILED_VARIANTS = {
+    # name: (kernels, torch.compile mode or None)
+    "eager_reference": ("reference", None),
+    "eager_fused": ("fused", None),
+    "compiled_reference": ("reference", "default"),
+    "compiled_fused": ("fused", "default"),
+    "cudagraph_fused": ("fused", "reduce-overhead"),
+}
+
+
+@pytest.mark.benchmark(group="compiled_step")
+@pytest.mark.parametrize("variant", list(COMPILED_VARIANTS))
+def test_compiled_step(benchmark, bench_device, sync, device_ceilings, variant):
+    """SIM's step (device batch) eager vs `--compile` (engine.compile.compile_regions: the blocks,
+    heads and norms compiled, the kernels opaque ops), reference vs fused kernels, and the CUDA-graph
+    variant (`--compile reduce-overhead`). extra_info adds `compile_mode`, `cold_step_s` (the first
+    step, which compiles; eager: its first step) and `graphs` (distinct graphs compiled)."""
+    from engine.compile import CompiledRegions, compile_regions
+
+    kernel_variant, mode = COMPILED_VARIANTS[variant]
+    if kernel_variant == "fused" and not CUDA:
+        pytest.skip("the Triton kernels run compiled only on a CUDA device (under the CPU "
+                    "interpreter a step would time the interpreter)")
+    if mode == "reduce-overhead" and not CUDA:
+        pytest.skip("CUDA graphs need a CUDA device")
+    cfg = step_config()
+    session, kernels = bench_session(cfg, bench_device, kernel_variant)
+    graphs_before = CompiledRegions.graphs()
+    regions = compile_regions(session.method, mode) if mode else None
+    loader, data_info = make_loader(cfg, bench_device)
+    stream = loader.stream()
+    batch = next(stream)
+    stream.close()
+    batch = {k: v.to(bench_device) if k in ("view1", "view2") else v for k, v in batch.items()}
+    step = [0]
+
+    def run(stages=None):
+        if stages is not None:
+            stages.start()
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, _, _ = optimisation_step(session, [batch], step[0], 0.996, stages=stages)
+        step[0] += 1
+        sync()
+        return loss
+
+    import time
+    started = time.perf_counter()
+    run()                                                # compiles (or the eager first step)
+    cold = time.perf_counter() - started
+    disabled = getattr(benchmark, "disabled", False)
+    timer = StageTimer(bench_device)
+    for _ in range(0 if disabled else WARMUP):
+        run()
+    loss = benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    for _ in range(1 if disabled else STAGE_ROUNDS):
+        run(timer)
+    assert torch.isfinite(loss).item()
+    record_step(benchmark, cfg, session, kernels, timer, device_ceilings, variant=variant,
+                feed="device_batch", compile_mode=mode or "eager", cold_step_s=cold,
+                graphs=CompiledRegions.graphs() - graphs_before,
+                compiled_regions=regions.describe() if regions else None, **data_info)
