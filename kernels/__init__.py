@@ -5,6 +5,15 @@ file can be copied into another codebase. Every public op takes `backend="auto" 
 "triton"`: "auto" runs the Triton kernel on CUDA tensors (where triton is importable) and the
 PyTorch reference otherwise; "triton" runs the kernel or raises a one-line error, never falling
 back silently (CPU tensors are accepted under TRITON_INTERPRET=1, the interpreter).
+
+Every op is also a registered torch op (`torch.ops.densesim.<name>`, torch.library.custom_op): a
+fake implementation (so it traces inside a user's `torch.compile(fullgraph=True)` as one opaque
+node), its backward a registered op joined by `register_autograd`, the reference maths as the CPU
+implementation and the Triton launchers on CUDA. "auto"/"triton" call the op; "reference" runs the
+plain-autograd `<op>_reference` (what inductor can fuse, and what `--no-fused` runs). No op reads a
+tensor value on the host: shape/dtype/device errors are `ValueError`s raised before any launch,
+and value checks (index range, finite geometry, positive sizes) run on the device
+(`torch._assert_async`; on CPU tensors they raise the same `ValueError` at once).
 """
 from .dense_match import (
     dense_match,

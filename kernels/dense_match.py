@@ -693,8 +693,10 @@ def _validate_pixpro_loss(y, z, boxes, flips, grid, threshold, image_size):
         if value.device != y.device:
             raise ValueError(f"{op}: {name} must be on the same device as y ({y.device}), "
                              f"got {value.device}")
+    # comparisons, not math.isfinite: under torch.compile a float that changed between calls is a
+    # SymFloat, which compares (a guard) but has no math.isfinite (a graph break); NaN fails both
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not math.isfinite(threshold) or threshold <= 0:
+            or not (0 < threshold < math.inf):
         raise ValueError(f"{op}: threshold must be a positive number, got {threshold!r}")
     return _image_size_rows(op, image_size, batch, boxes.device)
 

@@ -27,20 +27,48 @@ and <x̂_i, dx̂_i> = Σ_j w_ij a_ij, so the projection needs no full row of dx�
 x̂ = 0, a = 0 with everything, and for γ > 1 a zero gradient; below |x| < eps the gradient is
 dx̂ / eps, as torch's.
 
-Registered ops (namespace densesim, torch.library.custom_op; fake/meta implementations; autograd by
-torch.library.register_autograd, so the op works inside a user's torch.compile and in CUDA graphs):
+Registered ops (namespace densesim, torch.library.custom_op with device_types ("cpu", "cuda");
+fake/meta implementations; autograd by torch.library.register_autograd, so the op works inside a
+user's torch.compile -- opaque, fullgraph=True works -- and in CUDA graphs):
     densesim::pixel_propagation(Tensor x, Tensor value, float gamma, bool use_triton) -> Tensor
     densesim::pixel_propagation_backward(Tensor grad_y, Tensor x, Tensor value, float gamma,
                                          bool use_triton) -> (Tensor grad_x, Tensor grad_value)
-    use_triton=False is the reference maths (plain torch ops: the CPU implementation, on any
-    device); use_triton=True launches the Triton kernels (CUDA tensors; CPU tensors only under
-    TRITON_INTERPRET=1). The outputs are contiguous; the backward op has no autograd of its own
-    (no double backward through the fused op; pixel_propagation_reference has it).
-The public function: backend="auto" runs the op with the Triton kernels on CUDA tensors where triton
-imports and pixel_propagation_reference otherwise; "reference" always the latter; "triton" the
-kernels or a one-line RuntimeError, never a silent fallback. Validation (one-line ValueError naming
-the argument: ranks, matching B and N, float dtypes, devices, N > 0, gamma a positive finite
-number, backend name) runs before any launch and never reads a tensor value (no host sync).
+    use_triton=False is the reference maths (plain torch ops: the CPU implementation; the backward
+    by the formulas above, _reference_backward); use_triton=True launches the Triton kernels (CUDA
+    tensors; CPU tensors only under TRITON_INTERPRET=1). The outputs are fresh and contiguous; the
+    backward op has no autograd of its own (no double backward through the op;
+    pixel_propagation_reference has it).
+The public function: backend="auto" runs the op -- with the Triton kernels on CUDA tensors where
+triton imports, with the reference maths otherwise (CPU; meta tensors get the fake) -- and
+pixel_propagation_reference on any other device; "reference" always runs pixel_propagation_reference
+(plain autograd: what --no-fused runs and the `compiled` benchmark compiles); "triton" the kernels
+or a one-line RuntimeError, never a silent fallback. Validation (one-line ValueError naming the
+argument: ranks, matching B and N, float dtypes, devices, N > 0, gamma a positive finite number,
+backend name) runs before any launch and never reads a tensor value. Under torch.compile a bad
+input raises the same ValueError (with fullgraph=True inside dynamo's Unsupported "Observed
+exception", whose text contains the message); a gamma that changes between calls becomes a
+SymFloat there, which the validation only compares (a guard, no graph break).
+
+No host sync (tests/host_sync.py counts them: zero, forward + backward, both implementations).
+    The op has no value checks -- no index argument, nothing a device-side check
+    (_check_on_device / torch._assert_async) would need -- and nothing in forward or backward reads
+    a value back. The kernels mask every load and store by the token and channel bounds, so no
+    input can make an out-of-bounds access.
+Edge inputs (tested against float64 PixPro on both implementations): every off-diagonal cosine
+    negative (only s_ii survives the clamp; masked key padding adds s = 0), all tokens equal (a
+    stride-0 expand or scaled copies: every y_i = Σ_j value_j, dx = 0 up to rounding -- the op has
+    no argmax, so there is no tie to break; equal rows in give equal rows out), N = 1, an empty
+    batch B = 0 (legal: empty outputs and gradients, no launch), transposed and strided views,
+    float64 inputs.
+Less Python per launch: the grid, block sizes, constexpr flags and dot precisions are cached per
+    shape by functools.lru_cache (_launch_plan) keyed on plain values -- B, N, C, Cv, the kernel
+    dtypes, whether the tensors are on a GPU -- so a repeated step costs a dict lookup (_ppm_config
+    is read when a plan is made: after editing it, call _launch_plan.cache_clear()). The kernels
+    take x, value and grad_y by their strides and dtypes: no .contiguous() copies, and float64
+    inputs are read as they are and converted to fp32 tile by tile after tl.load (no host-side
+    fp32 copy); each output is written once in its final dtype (16-bit outputs under the
+    interpreter excepted: there the kernel writes fp32 and torch rounds, as the interpreter's
+    fp32 -> 16-bit store truncates). grad_y is cast only when its kernel dtype differs from value's.
 
 Triton kernels (fp32 accumulation everywhere; inverse norms computed in the kernels, no pre-pass):
   * forward, grid (cdiv(N, BLOCK_N), cdiv(Cv, OUT_V), B): a program holds BLOCK_N rows of x (the
@@ -59,7 +87,9 @@ Triton kernels (fp32 accumulation everywhere; inverse norms computed in the kern
   dots (CUDA cores). Under TRITON_INTERPRET=1 every load is upcast to fp32 at once (the
   interpreter's 16-bit arithmetic is wrong) and every dot is fp32, so the 16-bit roundings above
   are exercised only on a GPU. Block sizes: _ppm_config (checked by compiling for sm_90: no register
-  spills, <= 82 KB of shared memory at C = Cv = 256; not tuned on a GPU).
+  spills, <= 82 KB of shared memory at C = Cv = 256; not tuned on a GPU. A later offline compile,
+  triton 3.7, unit channel strides, shows 32 bytes of spill per thread in the fp32 backward, and
+  the float64 variants compile with the same blocks).
 
 Roofline. Forward FLOPs 2·B·N²·(C + Cv) (the Gram matrix and s·value); the minimal backward is
 twice that (recompute a, dS = dY Vᵀ, S dY, W X̂); the kernel spends 2·B·N²·(4C + 3Cv) with 16-bit
@@ -75,6 +105,7 @@ dvalue (backward); key tiles are re-read from L2 by every row block.
   and the (B, N, N) matrices eager materialises grow to 20 MB, 315 MB and 5.0 GB of fp32 each (it
   keeps several for backward); the fused op stores none of them.
 """
+import functools
 import math
 import os
 
@@ -92,6 +123,8 @@ _BACKENDS = ("auto", "reference", "triton")
 _NORM_EPS = 1e-12          # F.normalize's default eps
 _SMALL_GAMMA_OFFSET = 1e-6  # PixPro: `if self.pixpro_p < 1: sim += 1e-6` before the power
 _OP = "pixel_propagation"
+# The devices the registered ops serve (CPU and CUDA implementations; meta through the fake ones)
+_OP_DEVICES = ("cpu", "cuda", "meta")
 
 
 def _check_backend_name(op_name, backend):
@@ -154,8 +187,9 @@ def _validate(x, value, gamma):
         raise ValueError(f"{_OP}: x must have at least one token (N > 0), got {tuple(x.shape)}")
     if value.device != x.device:
         raise ValueError(f"{_OP}: value must be on the same device as x ({x.device}), got {value.device}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) \
-            or gamma <= 0:
+    # comparisons, not math.isfinite: inside torch.compile a float that changed between calls is
+    # a SymFloat, which compares (a guard) but has no math.isfinite (a graph break); NaN fails both
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 < gamma < math.inf):
         raise ValueError(f"{_OP}: gamma must be a positive finite number, got {gamma!r}")
 
 
@@ -206,7 +240,10 @@ if _TRITON_IMPORTABLE:
     def _ppm_load(base, rows, cols, row_ok, col_ok, stride_r, stride_c, UPCAST: tl.constexpr):
         tile = tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:  # the interpreter's 16-bit arithmetic is wrong; the GPU keeps them native
+        if UPCAST:  # two static branches: a constexpr, then the loaded dtype
+            # the interpreter's 16-bit arithmetic is wrong; the GPU keeps them native
+            tile = tile.to(tl.float32)
+        elif tile.dtype == tl.float64:  # float64 inputs are read as they are, computed in fp32
             tile = tile.to(tl.float32)
         return tile
 
@@ -460,9 +497,17 @@ def _pow2_block(size, low, high):
     return max(low, min(high, triton.next_power_of_2(max(1, size))))
 
 
-def _kernel_input(t):
-    """The dtype a kernel reads: fp16/bf16/fp32 as given, anything else (float64) as fp32."""
-    return t if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t.to(torch.float32)
+def _kernel_dtype(dtype):
+    """The dtype a kernel computes a tensor in: fp16/bf16/fp32 as given, float64 as fp32 (the
+    kernels read float64 as it is and convert each tile right after tl.load: no host-side copy)."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def _store_dtype(dtype, on_gpu):
+    """The dtype a kernel writes an output in: the output's own (fp32 accumulators rounded once in
+    the store), except 16-bit outputs under the interpreter, whose fp32 -> 16-bit store truncates:
+    there the kernel writes fp32 and torch rounds to nearest."""
+    return dtype if on_gpu or dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _gamma_mode(gamma):
@@ -479,7 +524,8 @@ def _ppm_config(x_dtype, v_dtype, num_tokens, channels, value_channels, on_gpu, 
                         programs, each recomputing the cosines)
     16-bit operands on the GPU keep the whole channel dims (<= 256) in one tile. fp32 operands use
     exact CUDA-core dots, whose operands live in registers: 32-wide K chunks, 128-wide outputs.
-    The interpreter (CPU) uses 32-token tiles so that modest test sizes already tile."""
+    The interpreter (CPU) uses 32-token tiles so that modest test sizes already tile.
+    x_dtype, v_dtype: the kernel dtypes (_kernel_dtype: float64 counts as fp32)."""
     if on_gpu and x_dtype != torch.float32 and v_dtype != torch.float32:
         block_n, block_m, k_c, k_v, out_c, out_v, warps = (32 if backward else 64), 32, 256, 256, 256, 256, 8
     elif on_gpu:
@@ -492,14 +538,62 @@ def _ppm_config(x_dtype, v_dtype, num_tokens, channels, value_channels, on_gpu, 
                 num_warps=warps, num_stages=2)
 
 
-def _precisions(x_k, v_k, on_gpu):
+def _precisions(x_dtype, v_dtype, on_gpu):
     """Dot precisions: 16-bit operands go to the tensor cores as they are ("tf32" is then ignored);
     fp32 operands use exact fp32 dots ("ieee": CUDA cores on the GPU; "tf32x3" would need more
-    registers than these tiles leave); the interpreter computes every dot in fp32."""
-    x_lowp = on_gpu and x_k.dtype != torch.float32
-    v_lowp = on_gpu and v_k.dtype != torch.float32
+    registers than these tiles leave); the interpreter computes every dot in fp32.
+    x_dtype, v_dtype: the kernel dtypes (_kernel_dtype)."""
+    x_lowp = on_gpu and x_dtype != torch.float32
+    v_lowp = on_gpu and v_dtype != torch.float32
     return dict(X_LOWP=x_lowp, V_LOWP=v_lowp, X_PREC="tf32" if x_lowp else "ieee",
                 V_PREC="tf32" if v_lowp else "ieee", W_PREC="ieee")
+
+
+def _build_plan(backward, batch, num_tokens, channels, value_channels, x_dtype, v_dtype, on_gpu,
+                config=None):
+    """Everything a launch needs that depends only on shapes, dtypes and the device kind: the grid,
+    the block sizes (config, or _ppm_config's), the constexpr flags and the dot precisions."""
+    cfg = config or _ppm_config(x_dtype, v_dtype, num_tokens, channels, value_channels, on_gpu, backward)
+    row_blocks = triton.cdiv(num_tokens, cfg["BLOCK_N"])
+    num_v_chunks = triton.cdiv(value_channels, cfg["OUT_V"])
+    single_c = cfg["BLOCK_C"] >= channels
+    consts = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_C": cfg["BLOCK_C"],
+              "OUT_V": cfg["OUT_V"], "SINGLE_C": single_c, "UPCAST": not on_gpu,
+              "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    precisions = _precisions(x_dtype, v_dtype, on_gpu)
+    if not backward:
+        consts.update({name: precisions[name] for name in ("V_LOWP", "X_PREC", "W_PREC")})
+        return {"grid": (row_blocks, num_v_chunks, batch), "consts": consts}
+    num_c_chunks = triton.cdiv(channels, cfg["OUT_C"])
+    consts.update(precisions, BLOCK_V=cfg["BLOCK_V"], OUT_C=cfg["OUT_C"],
+                  SINGLE_V=cfg["BLOCK_V"] >= value_channels,
+                  REUSE_X=single_c and cfg["OUT_C"] == cfg["BLOCK_C"])
+    return {"grid": (row_blocks, num_v_chunks + num_c_chunks, batch), "num_v_chunks": num_v_chunks,
+            "consts": consts}
+
+
+@functools.lru_cache(maxsize=512)
+def _launch_plan(backward, batch, num_tokens, channels, value_channels, x_dtype, v_dtype, on_gpu):
+    """_build_plan with _ppm_config's blocks, cached per shape: keyed on plain Python values only
+    (a bool, ints, torch dtypes -- the kernel dtypes -- and whether the tensors are on a GPU), so a
+    repeated shape costs one dict lookup. The plan is shared: read it, never modify it. _ppm_config
+    is read when a plan is first made: after editing it, call _launch_plan.cache_clear()."""
+    return _build_plan(backward, batch, num_tokens, channels, value_channels, x_dtype, v_dtype, on_gpu)
+
+
+class _on_device:
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+
+    def __init__(self, device):
+        self._guard = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self._guard is not None:
+            self._guard.__enter__()
+
+    def __exit__(self, *exc):
+        if self._guard is not None:
+            self._guard.__exit__(*exc)
 
 
 def _check_triton_device(device):
@@ -511,61 +605,56 @@ def _check_triton_device(device):
                        f"under TRITON_INTERPRET=1")
 
 
-def _pixel_propagation_triton(x, value, gamma, config=None):
-    """Launch the forward kernel: y (B, N, Cv) contiguous, in value's dtype."""
-    _check_triton_device(x.device)
+def _plan_for(backward, x, value, on_gpu, config):
     batch, num_tokens, channels = x.shape
+    key = (backward, batch, num_tokens, channels, value.shape[2], _kernel_dtype(x.dtype),
+           _kernel_dtype(value.dtype), on_gpu)
+    return _launch_plan(*key) if config is None else _build_plan(*key, config=config)
+
+
+def _pixel_propagation_triton(x, value, gamma, config=None):
+    """Launch the forward kernel: y (B, N, Cv) contiguous, in value's dtype. Any strides and float
+    dtypes are read as they are (no .contiguous() or dtype copies of the inputs)."""
+    _check_triton_device(x.device)
+    batch, num_tokens, _ = x.shape
     value_channels = value.shape[2]
     on_gpu = x.device.type == "cuda"
-    x_k, v_k = _kernel_input(x.detach()), _kernel_input(value.detach())
-    # The interpreter truncates fp32 -> 16-bit stores: there the rounding is left to torch.
-    store_dtype = v_k.dtype if on_gpu else torch.float32
-    y = torch.empty(batch, num_tokens, value_channels, dtype=store_dtype, device=x.device)
+    y = torch.empty(batch, num_tokens, value_channels, dtype=_store_dtype(value.dtype, on_gpu),
+                    device=x.device)
     if batch == 0 or value_channels == 0:
         return y.zero_().to(value.dtype)
-    cfg = config or _ppm_config(x_k.dtype, v_k.dtype, num_tokens, channels, value_channels, on_gpu, False)
-    prec = _precisions(x_k, v_k, on_gpu)
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_N"]), triton.cdiv(value_channels, cfg["OUT_V"]), batch)
-    _ppm_fwd_kernel[grid](
-        x_k, v_k, y, num_tokens, channels, value_channels, float(gamma), _small_gamma_offset(gamma), _NORM_EPS,
-        x_k.stride(0), x_k.stride(1), x_k.stride(2), v_k.stride(0), v_k.stride(1), v_k.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], OUT_V=cfg["OUT_V"],
-        SINGLE_C=cfg["BLOCK_C"] >= channels, GAMMA_MODE=_gamma_mode(gamma), UPCAST=not on_gpu,
-        V_LOWP=prec["V_LOWP"], X_PREC=prec["X_PREC"], W_PREC=prec["W_PREC"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y.to(value.dtype)
+    plan = _plan_for(False, x, value, on_gpu, config)
+    _ppm_fwd_kernel[plan["grid"]](
+        x, value, y, num_tokens, x.shape[2], value_channels, float(gamma), _small_gamma_offset(gamma), _NORM_EPS,
+        x.stride(0), x.stride(1), x.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        y.stride(0), y.stride(1), y.stride(2), GAMMA_MODE=_gamma_mode(gamma), **plan["consts"])
+    return y.to(value.dtype)  # a no-op except for 16-bit outputs under the interpreter
 
 
 def _pixel_propagation_backward_triton(grad_y, x, value, gamma, config=None):
-    """Launch the backward kernel: (dx, dvalue), contiguous, in x's and value's dtypes."""
+    """Launch the backward kernel: (dx, dvalue), contiguous, in x's and value's dtypes. Inputs of any
+    strides are read as they are; grad_y is cast only where its kernel dtype differs from value's
+    (the dy . value GEMMs pair the two; normally grad_y already has y's = value's dtype)."""
     _check_triton_device(x.device)
     batch, num_tokens, channels = x.shape
     value_channels = value.shape[2]
     on_gpu = x.device.type == "cuda"
-    x_k, v_k = _kernel_input(x.detach()), _kernel_input(value.detach())
-    dy = grad_y.detach().to(v_k.dtype)  # the dy . value GEMMs pair dy with value's dtype
-    grad_x = torch.empty(x.shape, dtype=x_k.dtype if on_gpu else torch.float32, device=x.device)
-    grad_v = torch.empty(value.shape, dtype=v_k.dtype if on_gpu else torch.float32, device=x.device)
+    v_kernel = _kernel_dtype(value.dtype)
+    dy = grad_y if _kernel_dtype(grad_y.dtype) == v_kernel else grad_y.to(v_kernel)
+    grad_x = torch.empty(x.shape, dtype=_store_dtype(x.dtype, on_gpu), device=x.device)
+    grad_v = torch.empty(value.shape, dtype=_store_dtype(value.dtype, on_gpu), device=x.device)
     if batch == 0:
         return grad_x.to(x.dtype), grad_v.to(value.dtype)
-    cfg = config or _ppm_config(x_k.dtype, v_k.dtype, num_tokens, channels, value_channels, on_gpu, True)
-    num_v_chunks = triton.cdiv(value_channels, cfg["OUT_V"])
-    num_c_chunks = triton.cdiv(channels, cfg["OUT_C"])
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_N"]), num_v_chunks + num_c_chunks, batch)
-    single_c = cfg["BLOCK_C"] >= channels
-    if grid[1] > 0:
-        _ppm_bwd_kernel[grid](
-            x_k, v_k, dy, grad_x, grad_v, num_tokens, channels, value_channels, float(gamma),
-            _small_gamma_offset(gamma), _NORM_EPS, num_v_chunks,
-            x_k.stride(0), x_k.stride(1), x_k.stride(2), v_k.stride(0), v_k.stride(1), v_k.stride(2),
+    plan = _plan_for(True, x, value, on_gpu, config)
+    if plan["grid"][1] > 0:
+        _ppm_bwd_kernel[plan["grid"]](
+            x, value, dy, grad_x, grad_v, num_tokens, channels, value_channels, float(gamma),
+            _small_gamma_offset(gamma), _NORM_EPS, plan["num_v_chunks"],
+            x.stride(0), x.stride(1), x.stride(2), value.stride(0), value.stride(1), value.stride(2),
             dy.stride(0), dy.stride(1), dy.stride(2), grad_x.stride(0), grad_x.stride(1), grad_x.stride(2),
-            grad_v.stride(0), grad_v.stride(1), grad_v.stride(2),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_V=cfg["BLOCK_V"],
-            OUT_C=cfg["OUT_C"], OUT_V=cfg["OUT_V"], SINGLE_C=single_c,
-            SINGLE_V=cfg["BLOCK_V"] >= value_channels, REUSE_X=single_c and cfg["OUT_C"] == cfg["BLOCK_C"],
-            GAMMA_MODE=_gamma_mode(gamma), UPCAST=not on_gpu, **_precisions(x_k, v_k, on_gpu),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            grad_v.stride(0), grad_v.stride(1), grad_v.stride(2), GAMMA_MODE=_gamma_mode(gamma),
+            **plan["consts"])
+    # no-ops except for 16-bit outputs under the interpreter
     return grad_x.to(x.dtype), grad_v.to(value.dtype)
 
 
@@ -573,10 +662,13 @@ def _pixel_propagation_backward_triton(grad_y, x, value, gamma, config=None):
 # torch.library registration (namespace densesim) and the public function
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("densesim::pixel_propagation", mutates_args=())
+@torch.library.custom_op("densesim::pixel_propagation", mutates_args=(), device_types=("cpu", "cuda"))
 def _pixel_propagation_op(x: torch.Tensor, value: torch.Tensor, gamma: float, use_triton: bool) -> torch.Tensor:
+    """y (B, N, Cv) in value's dtype, contiguous. use_triton: the Triton kernels (CUDA, or CPU under
+    TRITON_INTERPRET=1), else the reference maths (the CPU implementation)."""
     if use_triton:
-        return _pixel_propagation_triton(x, value, gamma)
+        with _on_device(x.device):
+            return _pixel_propagation_triton(x, value, gamma)
     with torch.no_grad():
         return pixel_propagation_reference(x, value, gamma).contiguous()
 
@@ -586,11 +678,14 @@ def _pixel_propagation_fake(x, value, gamma, use_triton):
     return value.new_empty(x.shape[0], x.shape[1], value.shape[2])
 
 
-@torch.library.custom_op("densesim::pixel_propagation_backward", mutates_args=())
+@torch.library.custom_op("densesim::pixel_propagation_backward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
 def _pixel_propagation_backward_op(grad_y: torch.Tensor, x: torch.Tensor, value: torch.Tensor, gamma: float,
                                    use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_value), contiguous, in x's and value's dtypes (module docstring)."""
     if use_triton:
-        return _pixel_propagation_backward_triton(grad_y, x, value, gamma)
+        with _on_device(x.device):
+            return _pixel_propagation_backward_triton(grad_y, x, value, gamma)
     return _reference_backward(grad_y, x, value, gamma)
 
 
@@ -621,9 +716,15 @@ def pixel_propagation(x, value, gamma=2.0, backend="auto"):
 
     x (B, N, C), value (B, N, Cv) -> y (B, N, Cv) in value's dtype, fp32 compute, autocast off.
     Differentiable in x and value. PixPro's head: value = F.normalize(conv(x)) in eager code,
-    y = pixel_propagation(x, value), pred = F.normalize(y, dim=-1)."""
+    y = pixel_propagation(x, value), pred = F.normalize(y, dim=-1).
+    backend="auto": densesim::pixel_propagation (Triton kernels on CUDA, the reference maths on
+    CPU); "triton": the kernels or a one-line RuntimeError; "reference": pixel_propagation_reference
+    (plain autograd). Validation reads no tensor value and comes before any launch; no host sync."""
     _check_backend_name(_OP, backend)
     _validate(x, value, gamma)
-    if _select_backend(_OP, backend, x.device) == "reference":
+    use_triton = _select_backend(_OP, backend, x.device) == "triton"
+    if backend == "reference" or x.device.type not in _OP_DEVICES:
+        # the plain-autograd definition (and "auto" on a device the registered op does not serve)
         return pixel_propagation_reference(x, value, gamma)
-    return torch.ops.densesim.pixel_propagation(x, value, float(gamma), True)
+    # "auto" without Triton: the same op with its reference maths (its backward by formula)
+    return _pixel_propagation_op(x, value, float(gamma), use_triton)

@@ -41,6 +41,35 @@ one-line RuntimeError anywhere else; backend="reference" runs queue_infonce_refe
 autograd, what the `compiled` benchmark compiles). Under autocast, call it as is: the op ignores
 autocast and computes in fp32 (query may be a bf16 autocast output, the queue an fp32 buffer).
 The row losses (e.g. for a weighted mean) are torch.ops.densesim.queue_infonce(...)[0].
+"auto" on a device the ops do not serve (neither CPU, CUDA nor meta) runs queue_infonce_reference.
+The ops are opaque inside a user's torch.compile (fullgraph=True works: the fake implementations
+give the shapes, the backward is an op too); a temperature that changes between calls becomes a
+SymFloat there, which the validation only compares (a guard, no graph break). A bad input raises
+the same one-line ValueError under torch.compile (without fullgraph it propagates as is; with
+fullgraph=True dynamo raises Unsupported "Observed exception" whose text contains the message).
+
+No host sync (tests/host_sync.py counts them: zero, forward + backward, both implementations).
+    The op has no value checks: the host validates shapes, dtypes, devices and the Python
+    temperature only (never a tensor value), and raises before any launch. There is no index
+    argument, so nothing needs a device-side check (no _check_on_device / torch._assert_async);
+    the kernels mask every load and store by the row, key and feature bounds, so no input can
+    make an out-of-bounds access.
+    Nothing in forward or backward reads a value back (no .item(), no data-dependent shapes).
+Edge inputs (tested against float64 on both implementations): M = 1, K = 1, D = 1; all logits
+    negative (masked key padding is -inf, never a zero logit); identical queue keys (equal logits,
+    an even softmax: the op has no argmax, so there is no tie to break) and identical query rows
+    (equal row losses); stride-0, transposed and column-strided views; float64 inputs (fp32
+    compute, the gradient in float64). M = 0 has no mean: a one-line ValueError ("query must have
+    at least one row"), as is K = 0 and D = 0.
+Less Python per launch: the launch plan (blocks, warps, stages, the queue split, dot precision,
+    int64 offsets) is cached per shape by functools.lru_cache (_cached_launch_plan) keyed on plain
+    values -- shapes, strides, dtypes, device type and index, the fp32 dot precision -- so a
+    repeated step costs a dict lookup; _CONFIG is read when a plan is made (after editing it, call
+    _cached_launch_plan.cache_clear()). The kernels take every input by its strides and dtype
+    (no .contiguous() or dtype copies of query, positive, queue, nor of the backward's per-row
+    vectors lse / grad_loss / grad_lse: the gradient of a sum arrives as a stride-0 expand and is
+    read as it is). Contiguous per-row vectors (the usual case: row_loss.mean()) specialise to the
+    same kernel as before.
 
 Memory: the reference materialises cat([l_pos, l_neg]) / tau (M x (K+1) fp32), its log-softmax
 for backward and a same-size gradient: about 3 x 4 M (K+1) bytes at peak. At DenseCL's dense term
@@ -94,6 +123,7 @@ Roofline (FLOPs and bytes the op must move)
     GPU goal (bench/test_queue_infonce.py, forward + backward): >= 3x the eager reference,
     >= 1.5x torch.compile of the reference, extra memory O((M + K) D).
 """
+import functools
 import math
 import os
 
@@ -109,6 +139,8 @@ except Exception:  # pragma: no cover - depends on the machine
 
 _BACKENDS = ("auto", "reference", "triton")
 _OP = "queue_infonce"
+# The devices the registered ops serve (CPU and CUDA implementations; meta through the fake ones)
+_OP_DEVICES = ("cpu", "cuda", "meta")
 _LOG2E = 1.4426950408889634
 # The fp32 tl.dot precision on a GPU (fp32 or mixed-dtype inputs): "tf32x3" (~fp32 accuracy on
 # the tensor cores) or "ieee" (exact fp32 FMA, several times slower). The interpreter is exact.
@@ -188,7 +220,9 @@ def _validate(op_name, query, positive, queue, temperature):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"{op_name}: temperature must be a positive finite Python number, "
                          f"got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    # comparisons, not math.isfinite: inside torch.compile a float that changed between calls is
+    # a SymFloat, which compares (a guard) but has no math.isfinite (a graph break); NaN fails both
+    if not (0 < temperature < math.inf):
         raise ValueError(f"{op_name}: temperature must be a positive finite number, got {temperature!r}")
 
 
@@ -253,7 +287,11 @@ def _reference_backward(query, positive, queue, lse, grad_loss, grad_lse, temper
 # are 64 (the queue is then re-read from L2 once per 64 rows).
 # waves: the queue split S is chosen so that row blocks x S fill whole waves of SMs (at least
 # one). interpret: the blocks and split under TRITON_INTERPRET=1 (small, so that the tests cross
-# several row blocks, key tiles and splits at small shapes).
+# several row blocks, key tiles and splits at small shapes). Read when a launch plan is made:
+# plans are cached per shape (_cached_launch_plan); call its cache_clear() after editing this.
+# (Register counts re-checked offline for sm_90 after the backward began taking the per-row
+# vectors by stride: unchanged for contiguous vectors; a stride-0 grad_loss adds 8 bytes of
+# spill to the fp32 D <= 128 backward.)
 _CONFIG = {
     "forward": {
         "16bit": ({"BLOCK_M": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},   # 227 regs
@@ -306,15 +344,32 @@ class _on_device:
 
 def _fp32_mma(query, queue):
     """True unless query and queue are bf16/fp16 of one dtype (then they are native MMA operands)."""
-    return not (query.dtype == queue.dtype and query.dtype in (torch.bfloat16, torch.float16))
+    return _fp32_mma_dtypes(query.dtype, queue.dtype)
+
+
+def _fp32_mma_dtypes(query_dtype, queue_dtype):
+    return not (query_dtype == queue_dtype and query_dtype in (torch.bfloat16, torch.float16))
 
 
 def _launch_plan(phase, query, positive, queue):
-    """Block sizes, launch parameters and the queue split for one pass."""
-    rows, dim = query.shape
-    keys = queue.shape[0]
-    fp32 = _fp32_mma(query, queue)
-    interpret = query.device.type != "cuda"
+    """The launch plan of one pass for these tensors: a cached lookup (_cached_launch_plan) keyed on
+    plain Python values only -- the shapes, strides, dtypes, the device and the fp32 dot precision."""
+    device = query.device
+    return _cached_launch_plan(phase, query.shape[0], queue.shape[0], query.shape[1],
+                               query.dtype, queue.dtype, tuple(query.stride()),
+                               tuple(positive.stride()), tuple(queue.stride()), device.type,
+                               device.index, _FP32_DOT_PRECISION)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_launch_plan(phase, rows, keys, dim, query_dtype, queue_dtype, query_strides,
+                        positive_strides, queue_strides, device_type, device_index, fp32_precision):
+    """Block sizes, launch parameters and the queue split for one pass, made once per shape (the
+    step's shapes repeat, so the Python work of a launch is a dict lookup). The plan is shared:
+    read it, never modify it. _CONFIG is read when a plan is first made: after editing it, call
+    _cached_launch_plan.cache_clear()."""
+    fp32 = _fp32_mma_dtypes(query_dtype, queue_dtype)
+    interpret = device_type != "cuda"
     if interpret:
         cfg = dict(_CONFIG["interpret"], num_warps=4, num_stages=1)
     else:
@@ -328,26 +383,27 @@ def _launch_plan(phase, query, positive, queue):
     if interpret:
         splits = min(tiles, cfg["splits"])
     else:
-        splits = _queue_splits(row_blocks, tiles, _sm_count(query.device))
+        splits = _queue_splits(row_blocks, tiles, _sm_count(torch.device(device_type, device_index)))
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)  # no empty split
     if not fp32:
         precision = "tf32"  # unused: 16-bit operands
     else:
-        precision = "ieee" if interpret else _FP32_DOT_PRECISION
+        precision = "ieee" if interpret else fp32_precision
     block_d = max(16, triton.next_power_of_2(dim))
     # the largest element offset any address can reach (padded rows/keys, backward partials)
-    span = max(_max_offset(query, block_m * row_blocks, block_d),
-               _max_offset(positive, block_m * row_blocks, block_d),
-               _max_offset(queue, block_k * tiles, block_d), (splits + 1) * block_m * row_blocks * dim)
+    span = max(_max_offset(query_strides, block_m * row_blocks, block_d),
+               _max_offset(positive_strides, block_m * row_blocks, block_d),
+               _max_offset(queue_strides, block_k * tiles, block_d),
+               (splits + 1) * block_m * row_blocks * dim)
     return dict(block_m=block_m, block_k=block_k, block_d=block_d, offsets_i64=span >= 2**31 - 1,
                 row_blocks=row_blocks, splits=splits, tiles_per_split=tiles_per_split, fp32=fp32,
                 precision=precision, interpret=interpret, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
 
 
-def _max_offset(x, padded_rows, padded_dim):
-    return padded_rows * abs(x.stride(0)) + padded_dim * abs(x.stride(1))
+def _max_offset(strides, padded_rows, padded_dim):
+    return padded_rows * abs(strides[0]) + padded_dim * abs(strides[1])
 
 
 def _queue_splits(row_blocks, tiles, sm_count):
@@ -469,9 +525,10 @@ if _TRITON_IMPORTABLE:
     @triton.jit
     def _qi_backward_kernel(q_ptr, pos_ptr, queue_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr, out_ptr,
                             n_rows, n_keys, dim, stride_qm, stride_qd, stride_pm, stride_pd,
-                            stride_kk, stride_kd, logit_scale2, inv_temperature, tiles_per_split,
-                            FP32_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            PARTIAL: tl.constexpr, OFFSETS_I64: tl.constexpr, INTERPRET: tl.constexpr,
+                            stride_kk, stride_kd, stride_lse, stride_gl, stride_gs, logit_scale2,
+                            inv_temperature, tiles_per_split,
+                            FP32_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+                            OFFSETS_I64: tl.constexpr, INTERPRET: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         """dq for BLOCK_M rows from one slice of the queue (plus the positive column in split 0)."""
         split = tl.program_id(1)
@@ -483,7 +540,10 @@ if _TRITON_IMPORTABLE:
         tile_mask = row_mask[:, None] & dim_mask[None, :]
         q = tl.load(q_ptr + rows64[:, None] * stride_qm + dims[None, :] * stride_qd,
                     mask=tile_mask, other=0.0)
-        lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+        # the (M,) fp32 vectors by their strides (autograd's gradient of a sum is a stride-0
+        # expand: no copy), with int64 offsets (three vector loads; a strided view may be large)
+        lse2 = tl.load(lse_ptr + rows.to(tl.int64) * stride_lse, mask=row_mask, other=0.0) \
+            * 1.4426950408889634
         # the positive column first (fp32), so that no fp32 copy of q or k+ stays live in the loop:
         # acc starts as p_i0 k+_i; "- grad_loss/tau k+_i" is added after the loop (k+ re-read)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -508,8 +568,9 @@ if _TRITON_IMPORTABLE:
                 acc = tl.dot(p, k_tile, acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(_qi_round(p, queue_ptr.dtype.element_ty, INTERPRET), k_tile, acc)
-        grad_loss = tl.load(grad_loss_ptr + rows, mask=row_mask, other=0.0)
-        grad_lse = tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0)
+        rows_i64 = rows.to(tl.int64)
+        grad_loss = tl.load(grad_loss_ptr + rows_i64 * stride_gl, mask=row_mask, other=0.0)
+        grad_lse = tl.load(grad_lse_ptr + rows_i64 * stride_gs, mask=row_mask, other=0.0)
         acc = acc * ((grad_loss + grad_lse) * inv_temperature)[:, None]
         if split == 0:
             pos = tl.load(pos_ptr + rows64[:, None] * stride_pm + dims[None, :] * stride_pd,
@@ -555,19 +616,21 @@ def _triton_backward(query, positive, queue, lse, grad_loss, grad_lse, temperatu
     _qi_backward_kernel[(plan["row_blocks"], plan["splits"])](
         query, positive, queue, lse, grad_loss, grad_lse, out, rows, queue.shape[0], dim,
         query.stride(0), query.stride(1), positive.stride(0), positive.stride(1),
-        queue.stride(0), queue.stride(1), _LOG2E / temperature, 1.0 / temperature,
-        plan["tiles_per_split"], FP32_MMA=plan["fp32"], DOT_PRECISION=plan["precision"],
-        PARTIAL=partial, OFFSETS_I64=plan["offsets_i64"], INTERPRET=plan["interpret"],
-        BLOCK_M=plan["block_m"], BLOCK_K=plan["block_k"], BLOCK_D=plan["block_d"],
-        num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+        queue.stride(0), queue.stride(1), lse.stride(0), grad_loss.stride(0), grad_lse.stride(0),
+        _LOG2E / temperature, 1.0 / temperature, plan["tiles_per_split"], FP32_MMA=plan["fp32"],
+        DOT_PRECISION=plan["precision"], PARTIAL=partial, OFFSETS_I64=plan["offsets_i64"],
+        INTERPRET=plan["interpret"], BLOCK_M=plan["block_m"], BLOCK_K=plan["block_k"],
+        BLOCK_D=plan["block_d"], num_warps=plan["num_warps"], num_stages=plan["num_stages"])
     return out.sum(dim=0).to(query.dtype) if partial else out
 
 
 def _row_vector(value, rows, device):
-    """A per-row gradient as a contiguous (M,) fp32 tensor (zeros when autograd gives None)."""
+    """A per-row gradient as an (M,) fp32 tensor, any stride (zeros when autograd gives None). The
+    gradient of row_loss.sum() arrives as a stride-0 expand: the kernel reads it by its stride,
+    no copy (and .to is a no-op on the fp32 gradients of the op's fp32 outputs)."""
     if value is None:
         return torch.zeros(rows, dtype=torch.float32, device=device)
-    return value.to(torch.float32).contiguous()
+    return value.to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,9 +665,9 @@ def _queue_infonce_backward_op(query: torch.Tensor, positive: torch.Tensor, queu
     with _fp32_region(query.device), torch.no_grad():
         if use_triton:
             with _on_device(query.device):
-                return _triton_backward(query, positive, queue, lse.to(torch.float32).contiguous(),
-                                        grad_loss.to(torch.float32).contiguous(),
-                                        grad_lse.to(torch.float32).contiguous(), temperature)
+                return _triton_backward(query, positive, queue, lse.to(torch.float32),
+                                        grad_loss.to(torch.float32), grad_lse.to(torch.float32),
+                                        temperature)
         return _reference_backward(query, positive, queue, lse.to(torch.float32),
                                    grad_loss.to(torch.float32), grad_lse.to(torch.float32),
                                    temperature)
@@ -641,11 +704,17 @@ torch.library.register_autograd("densesim::queue_infonce", _backward, setup_cont
 
 def queue_infonce(query, positive, queue, temperature, backend="auto"):
     """MoCo/DenseCL queue InfoNCE, mean over the M rows (0-d fp32); gradient to query only.
-    See the module docstring for shapes, maths and backends."""
+
+    backend="auto": densesim::queue_infonce with the Triton kernels on CUDA tensors (D <= 256,
+    triton importable), with the reference maths otherwise; "triton": the kernels or a one-line
+    RuntimeError; "reference": queue_infonce_reference (plain autograd). Validation (one-line
+    ValueError) reads no tensor value and comes before any launch; nothing here syncs the host.
+    See the module docstring for shapes, maths, edge inputs and backends."""
     _check_backend_name(_OP, backend)
     _validate(_OP, query, positive, queue, temperature)
     use_triton = _select_backend(_OP, backend, query.device, query.shape[1]) == "triton"
-    if backend == "reference":
+    if backend == "reference" or query.device.type not in _OP_DEVICES:
+        # the plain-autograd definition (and "auto" on a device the registered op does not serve)
         return queue_infonce_reference(query, positive, queue, temperature)
     # "auto" without Triton: the same op with its reference maths (saves only lse, like Triton)
     row_loss, _ = _queue_infonce_op(query, positive.detach(), queue.detach(), float(temperature),

@@ -189,6 +189,12 @@ def test_opcheck_reference_implementation(gamma):
     torch.library.opcheck(torch.ops.densesim.pixel_propagation.default, (x, value, gamma, False))
     torch.library.opcheck(torch.ops.densesim.pixel_propagation_backward.default,
                           (torch.randn(3, 13, 29), x.detach(), value.detach(), gamma, False))
+    # strided inputs (transposed x, every other value channel) and a stride-0 gradient
+    x_t = torch.randn(2, 7, 9).transpose(1, 2).requires_grad_()
+    v_s = torch.randn(2, 9, 10)[..., ::2].requires_grad_()
+    torch.library.opcheck(torch.ops.densesim.pixel_propagation.default, (x_t, v_s, gamma, False))
+    torch.library.opcheck(torch.ops.densesim.pixel_propagation_backward.default,
+                          (torch.ones(1, 1, 1).expand(2, 9, 5), x_t.detach(), v_s.detach(), gamma, False))
 
 
 def test_op_inside_torch_compile_fullgraph():

@@ -216,11 +216,20 @@ def test_triton_writes_every_output_and_handles_empty_batches():
     assert empty.shape == (0, 37, 18) and grad_x.shape == (0, 37, 20) and grad_v.shape == (0, 37, 18)
 
 
-def test_opcheck_triton_implementation():
-    x = torch.randn(2, 19, 21, device=DEVICE, requires_grad=True)
-    value = torch.randn(2, 19, 13, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.densesim.pixel_propagation.default, (x, value, 2.0, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+@pytest.mark.parametrize("gamma", [2.0, 0.5])
+def test_opcheck_triton_implementation(gamma):
+    """Every opcheck utility (schema, autograd registration, fake tensor, aot dispatch) on both
+    registered ops with use_triton=True: the forward with requires_grad inputs, and the backward."""
+    x = torch.randn(2, 9, 7, device=DEVICE, requires_grad=True)
+    value = torch.randn(2, 9, 5, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.densesim.pixel_propagation.default, (x, value, gamma, True))
+    torch.library.opcheck(torch.ops.densesim.pixel_propagation_backward.default,
+                          (torch.randn(2, 9, 5, device=DEVICE), x.detach(), value.detach(), gamma, True))
+    # strided inputs and a stride-0 gradient
+    x_t = torch.randn(2, 7, 9, device=DEVICE).transpose(1, 2)
+    v_s = torch.randn(2, 9, 10, device=DEVICE)[..., ::2]
+    torch.library.opcheck(torch.ops.densesim.pixel_propagation_backward.default,
+                          (torch.ones(1, 1, 1, device=DEVICE).expand(2, 9, 5), x_t, v_s, gamma, True))
 
 
 def test_validates_before_any_launch(monkeypatch):

@@ -108,8 +108,14 @@ def test_queue_splits_give_the_same_answer(monkeypatch, splits):
     if CUDA:
         pytest.skip("the split is chosen from the SM count on a GPU")
     monkeypatch.setitem(qi._CONFIG, "interpret", dict(qi._CONFIG["interpret"], splits=splits))
+    # plans are cached per shape and read _CONFIG when made: start and end with an empty cache
+    qi._cached_launch_plan.cache_clear()
     query, positive, queue = _inputs(33, 200, 20, seed=5)
-    loss, grad = _triton(query, positive, queue)
+    try:
+        assert qi._launch_plan("forward", query, positive, queue)["splits"] == min(splits, 7)  # 7 tiles
+        loss, grad = _triton(query, positive, queue)
+    finally:
+        qi._cached_launch_plan.cache_clear()
     expected, expected_grad, _ = _infonce64(query, positive, queue, 0.2)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad.double(), expected_grad, **_fp32_grad_tolerance(expected_grad))
