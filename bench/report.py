@@ -5,7 +5,8 @@ dense_match, train_step, pipeline, ...), and in it, per result file, the device,
 date and the device ceilings measured in that run, then one table per benchmark group: each case's
 median time, its speed-up over the `reference` (and `compiled`) variant of the same case measured
 in the same file, and the figures the benchmark stored in extra_info (achieved rate and fraction
-of the device floor). Results with a per-stage breakdown (train_step) get a stage table too. A PNG
+of the device floor; on CUDA the GPU kernel time per call and the host overhead = wall / GPU kernel
+time, from `bench.measure.host_overhead`). Results with a per-stage breakdown (train_step) get a stage table too. A PNG
 bar chart of the speed-ups (drawn with Pillow) is written beside the markdown and linked from it.
 Nothing is typed in by hand: every number comes from the JSON files named.
 
@@ -22,8 +23,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-VARIANTS = ("reference", "compiled", "triton", "triton_unique", "fused")
-BASELINES = ("reference", "compiled")
+VARIANTS = ("reference", "compiled", "triton", "triton_unique", "fused", "official")
+# "official": the official code's own step (bench/test_official_sim.py), measured beside ours.
+BASELINES = ("reference", "compiled", "official")
 # Areas in the order of the tables; others follow in the order first seen.
 AREAS = ("masking", "patch_gather", "relpos_embed", "unigrad_loss", "dense_match", "queue_infonce",
          "pixel_propagation", "train_step", "pipeline")
@@ -36,6 +38,8 @@ FIGURES = [
     ("mfu", "MFU"), ("img_per_s", "img/s"), ("masks_per_s", "masks/s"),
     ("data_wait_fraction", "data wait"), ("peak_extra_over_inputs", "peak extra / (P+T)"),
     ("peak_extra_bytes", "peak extra MB"), ("peak_memory_bytes", "peak MB"),
+    # bench.measure.host_overhead: wall time per call / GPU kernel time per call (CUDA only)
+    ("gpu_kernel_ms", "GPU kernels ms"), ("host_overhead", "wall / GPU"),
 ]
 # The stages of a training step in step order (as engine.stage_timer.STAGES); others follow.
 STAGES = ("data_wait", "ema", "target_forward", "online_forward", "loss", "backward", "optimizer")
@@ -71,6 +75,8 @@ def fmt(key: str, value) -> str:
         return f"{value / 1e6:.1f}"
     if "fraction" in key or key == "mfu":
         return f"{100 * value:.1f}%"
+    if key == "host_overhead":            # a ratio, but no "×": those cells are speed-ups
+        return f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
     return str(value)
@@ -210,8 +216,9 @@ def speedup_entries(paths: list[Path]) -> list[tuple[str, str, str, float]]:
             for group, benches in areas.get(area, {}).items():
                 ratios = speedups(benches)
                 for bench in sorted(benches, key=lambda b: b["name"]):
-                    if variant_of(bench) in (*BASELINES, None):
-                        continue
+                    variant = variant_of(bench)
+                    if variant in (*BASELINES, None) or variant.startswith("official"):
+                        continue              # baselines (and the official code's DDP form)
                     case = bench.get("param") or bench["name"]
                     for base, ratio in ratios[bench["name"]].items():
                         where = f"{Path(path).parent.name}/{Path(path).name}"
@@ -254,7 +261,8 @@ def _font(size: int):
 
 
 COLOURS = {("reference", True): (46, 139, 87), ("reference", False): (192, 57, 43),
-           ("compiled", True): (52, 101, 164), ("compiled", False): (230, 126, 34)}
+           ("compiled", True): (52, 101, 164), ("compiled", False): (230, 126, 34),
+           ("official", True): (117, 80, 123), ("official", False): (143, 89, 2)}
 
 
 def draw_chart(entries: list[tuple[str, str, str, float]], path: Path,
@@ -281,7 +289,10 @@ def draw_chart(entries: list[tuple[str, str, str, float]], path: Path,
     draw = ImageDraw.Draw(image)
     draw.text((12, 10), title, fill="black", font=bold)
     legend_x = 12
+    drawn = {base for _, _, base, _ in entries}
     for (base, faster), colour in COLOURS.items():
+        if base == "official" and base not in drawn:   # the legend of the classic chart unchanged
+            continue
         text = f"vs {base}, {'faster' if faster else 'slower'}"
         draw.rectangle([legend_x, 40, legend_x + 12, 52], fill=colour)
         draw.text((legend_x + 18, 39), text, fill="black", font=small)

@@ -11,7 +11,9 @@ pixpro_loss: PixPro's real size (7x7 C5 map, C=256, B=128) and 14x14, bf16, `fwd
 (z detached as in PixPro, so the backward is dL/dy only). FLOPs: 2 B N M C per direction of work
 (forward cosines; backward masked GEMM A.Z).
 
-On CPU only the reference runs, at B=2 (so `pytest bench --benchmark-disable` stays quick).
+Both record the host overhead (`bench.measure.record_host_overhead`: host_overhead = wall time per call /
+GPU kernel time per call from torch.profiler, with wall_ms, gpu_kernel_ms, host_ms, kernels_per_call;
+CUDA only). On CPU only the reference runs, at B=2 (so `pytest bench --benchmark-disable` stays quick).
 """
 import importlib
 
@@ -19,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.measure import peak_extra_bytes
+from bench.measure import peak_extra_bytes, record_host_overhead
 
 dm = importlib.import_module("kernels.dense_match")
 
@@ -117,6 +119,7 @@ def test_dense_match(benchmark, record_rate, bench_device, sync, device_ceilings
         reference_chunk_entries=REFERENCE_CHUNK_ENTRIES if variant != "triton" else None,
         peak_extra_bytes=peak, similarity_matrix_bytes_fp32=4 * batch * tokens * tokens)
     _rates(benchmark, record_rate, device_ceilings, 2 * batch * tokens * tokens * channels)
+    record_host_overhead(benchmark, fn, bench_device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,13 +167,15 @@ def test_pixpro_loss(benchmark, record_rate, bench_device, sync, device_ceilings
     else:
         loss_fn = lambda: dm.pixpro_loss(y, z, boxes, flips, grid, image_size=sizes, backend="triton")  # noqa: E731
 
-    def run():
+    def call():
         if mode == "fwd":
             with torch.no_grad():
-                out = (loss_fn(), None)
-        else:
-            loss = loss_fn()
-            out = (loss.detach(), torch.autograd.grad(loss, (y,))[0])
+                return loss_fn(), None
+        loss = loss_fn()
+        return loss.detach(), torch.autograd.grad(loss, (y,))[0]
+
+    def run():
+        out = call()
         sync()
         return out
 
@@ -195,3 +200,4 @@ def test_pixpro_loss(benchmark, record_rate, bench_device, sync, device_ceilings
         dtype=str(dtype).removeprefix("torch."), batch=batch, grid=grid, tokens=tokens, channels=channels,
         threshold=0.7, peak_extra_bytes=peak, mask_bytes_bool=batch * tokens * tokens)
     _rates(benchmark, record_rate, device_ceilings, flops)
+    record_host_overhead(benchmark, call, bench_device)

@@ -14,7 +14,9 @@ bias + the pos rows it uses + output, plus for fwd_bwd the upstream gradient, th
 the parameter gradients), its FLOPs (2·B·K·768·768 per matmul), GB/s and TFLOP/s, their fractions
 of the device's measured ceilings (device_ceilings: copy_gbps, matmul_tflops), which bound applies
 (the larger of bytes/copy_gbps and FLOPs/matmul_tflops) and the fraction of that floor reached,
-and on CUDA the peak-memory delta of one call.
+and on CUDA the peak-memory delta of one call and the host overhead (`bench.measure.record_host_overhead`:
+host_overhead = wall time per call / GPU kernel time per call from torch.profiler, with wall_ms,
+gpu_kernel_ms, host_ms, kernels_per_call).
 
 token_gather: (B, 196, 768) bf16 -> (B, 78, 768): `fwd` moves 2·B·K·D values, `fwd_bwd` also reads
 the (B, K, D) gradient and writes the whole (B, N, D) token gradient. `triton_unique` is the
@@ -25,7 +27,7 @@ On CPU only the reference runs, at B=2, so `pytest bench --benchmark-disable` st
 import pytest
 import torch
 
-from bench.measure import peak_extra_bytes
+from bench.measure import peak_extra_bytes, record_host_overhead
 
 from kernels import patch_gather, patch_gather_reference, token_gather, token_gather_reference
 
@@ -125,11 +127,14 @@ def test_patch_embed(benchmark, bench_device, sync, device_ceilings, variant, ba
     out_dtype = torch.promote_types(dtype, pos_embed.dtype)
     upstream = torch.randn(batch, VISIBLE, DIM, device=device).to(out_dtype) if train else None
 
-    def run():
+    def call():
         out = embed()
-        grads = torch.autograd.grad(out, (weight, bias), upstream) if train else None
+        return out, torch.autograd.grad(out, (weight, bias), upstream) if train else None
+
+    def run():
+        result = call()
         sync()
-        return out, grads
+        return result
 
     for _ in range(2):  # warm-up: compile, autotune, allocator
         run()
@@ -171,6 +176,7 @@ def test_patch_embed(benchmark, bench_device, sync, device_ceilings, variant, ba
             note=("fp32 operands: the Triton kernel runs tf32x3 (fp32-accurate, 3 tensor-core "
                   "passes) and torch runs true fp32; the matmul ceiling is the bf16 one")
             if dtype == torch.float32 else "bf16 operands, fp32 accumulation")
+    record_host_overhead(benchmark, call, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,11 +209,14 @@ def test_token_gather(benchmark, bench_device, sync, device_ceilings, variant, b
             return token_gather(tokens, idx, backend="triton", check_index=False,
                                 unique_indices=unique)
 
-    def run():
+    def call():
         out = gather(tokens, idx)
-        grad = torch.autograd.grad(out, tokens, upstream)[0] if train else None
+        return out, torch.autograd.grad(out, tokens, upstream)[0] if train else None
+
+    def run():
+        result = call()
         sync()
-        return out, grad
+        return result
 
     for _ in range(2):
         run()
@@ -228,3 +237,4 @@ def test_token_gather(benchmark, bench_device, sync, device_ceilings, variant, b
             batch=batch, num_tokens=NUM_PATCHES, visible=VISIBLE, embed_dim=DIM, dtype="bfloat16",
             check_index=False if variant.startswith("triton") else None, peak_memory_bytes=peak,
             device=str(device))
+    record_host_overhead(benchmark, call, device)

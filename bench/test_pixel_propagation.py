@@ -19,7 +19,9 @@ peak_extra_bytes (one call's torch.cuda.max_memory_allocated above what was allo
 similarity_matrix_bytes_fp32 (one (B, N, N) fp32 matrix, for scale), cuda_kernels_per_call (from
 torch.profiler), and, when timing is on, speedup_vs_eager = eager median / this variant's median,
 both timed back to back in the same test (eager_ms, variant_ms) -- so `-k triton` alone still
-answers the question. On CPU only the reference runs, at B = 2 (B = 1 at N = 784), so
+answers the question; the host overhead (`bench.measure.record_host_overhead`: host_overhead = wall
+time per call / GPU kernel time per call from torch.profiler, with wall_ms, gpu_kernel_ms, host_ms,
+kernels_per_call). On CPU only the reference runs, at B = 2 (B = 1 at N = 784), so
 `pytest bench --benchmark-disable` stays within seconds; compiled and triton skip with the reason.
 """
 import statistics
@@ -29,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.measure import peak_extra_bytes
+from bench.measure import peak_extra_bytes, record_host_overhead
 from kernels import pixel_propagation, pixel_propagation_reference
 
 CHANNELS = VALUE_CHANNELS = 256   # PixPro's projector output and value transform
@@ -68,18 +70,25 @@ def _data(batch, tokens, dtype, device):
 
 
 def _runner(fn, x, value, grad_y, mode, sync):
+    """One call (forward, or forward + gradients) followed by `sync()`; sync=None: no sync."""
     def forward():
-        y = fn(x, value, GAMMA)
-        sync()
-        return y.detach(), None, None
+        return fn(x, value, GAMMA).detach(), None, None
 
     def forward_backward():
         y = fn(x, value, GAMMA)
         grad_x, grad_value = torch.autograd.grad(y, (x, value), grad_y)
-        sync()
         return y.detach(), grad_x, grad_value
 
-    return forward if mode == "fwd" else forward_backward
+    call = forward if mode == "fwd" else forward_backward
+    if sync is None:
+        return call
+
+    def run():
+        out = call()
+        sync()
+        return out
+
+    return run
 
 
 def _median_ms(run, repeats=25):
@@ -166,3 +175,5 @@ def test_pixel_propagation(benchmark, record_rate, device_ceilings, bench_device
             peak_extra_bytes=peak, similarity_matrix_bytes_fp32=4 * batch * tokens * tokens,
             cuda_kernels_per_call=kernels, eager_ms=eager_ms, variant_ms=variant_ms,
             speedup_vs_eager=speedup)
+    record_host_overhead(benchmark, _runner(_propagation_fn(variant), x, value, grad_y, mode, None),
+                         bench_device)

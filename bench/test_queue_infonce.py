@@ -18,14 +18,16 @@ not counted); achieved gbps / tflops; floor_s = max(op_bytes / copy ceiling, op_
 ceiling) and roofline_fraction = floor_s / measured time (the matmul ceiling is the bf16 one: for
 fp32 inputs the kernels run tf32x3, three tf32 MMAs per product). On CUDA, peak_extra_bytes (one
 call's torch.cuda.max_memory_allocated above what was allocated before) and its ratio to the fp32
-logits' size. On CPU only the reference runs, at M = 256, K = 4,096 (`pytest --benchmark-disable`
+logits' size; the host overhead (`bench.measure.record_host_overhead`: host_overhead = wall time per
+call / GPU kernel time per call from torch.profiler, with wall_ms, gpu_kernel_ms, host_ms,
+kernels_per_call). On CPU only the reference runs, at M = 256, K = 4,096 (`pytest --benchmark-disable`
 stays within seconds); compiled and triton skip with the reason, as in the other benchmark files.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.measure import peak_extra_bytes
+from bench.measure import peak_extra_bytes, record_host_overhead
 
 from kernels import queue_infonce, queue_infonce_reference
 
@@ -91,10 +93,14 @@ def test_queue_infonce(benchmark, record_rate, device_ceilings, bench_device, sy
     query, positive, queue = _data(rows, keys, dtype, bench_device)
     loss_fn = _loss_fn(variant)
 
-    def forward_backward():
+    def call():
         query.grad = None
         loss = loss_fn(query, positive, queue)
         loss.backward()
+        return loss
+
+    def forward_backward():
+        loss = call()
         sync()
         return loss
 
@@ -121,3 +127,4 @@ def test_queue_infonce(benchmark, record_rate, device_ceilings, bench_device, sy
             temperature=TEMPERATURE, dtype=dtype_name, variant=variant, mode="fwd_bwd",
             device=str(bench_device), peak_extra_bytes=peak, logits_bytes_fp32=logits_bytes,
             peak_extra_over_logits=peak / logits_bytes if peak is not None else None)
+    record_host_overhead(benchmark, call, bench_device)

@@ -17,7 +17,10 @@ plus grad_out read once for fwd_bwd); FLOPs of the reference GEMM (2*B*196*1536*
 the fused decomposition (2*768*(2*B*14*384 + B*768) per pass); achieved GB/s and the fraction of the
 copy floor (bytes / copy_gbps over the measured time); the reference GEMM's TFLOP/s and its fraction
 of the matmul ceiling; the speed-up over the eager reference (timed in the same test, CUDA only); the
-peak-memory delta of one call (CUDA only). Timing-derived figures are None with --benchmark-disable.
+peak-memory delta of one call (CUDA only); the host overhead (`bench.measure.record_host_overhead`:
+host_overhead = wall time per call / GPU kernel time per call from torch.profiler, with wall_ms,
+gpu_kernel_ms, host_ms, kernels_per_call; CUDA only). Timing-derived figures are None with
+--benchmark-disable.
 """
 import importlib
 import time
@@ -26,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.measure import peak_extra_bytes
+from bench.measure import peak_extra_bytes, record_host_overhead
 
 rk = importlib.import_module("kernels.relpos_embed")  # the package's `relpos_embed` is the function
 
@@ -117,19 +120,22 @@ def test_relpos_query_embed(benchmark, bench_device, sync, device_ceilings, batc
     fn = VARIANTS[variant]
 
     def forward():
-        queries = fn(rel, *params)
-        sync()
-        return queries
+        return fn(rel, *params)
 
     def forward_backward():
         for p in params:
             p.grad = None
         queries = fn(rel, *params)
         queries.backward(grad_out)
+        return queries
+
+    call = forward if mode == "fwd" else forward_backward
+
+    def run():
+        queries = call()
         sync()
         return queries
 
-    run = forward if mode == "fwd" else forward_backward
     run()  # warm-up: compile / autotune / allocator
     peak_memory = peak_extra_bytes(run, rel.device)
     queries = benchmark(run)
@@ -170,6 +176,7 @@ def test_relpos_query_embed(benchmark, bench_device, sync, device_ceilings, batc
         speedup_vs_reference=speedup,
         peak_memory_bytes=peak_memory,
     )
+    record_host_overhead(benchmark, call, bench_device)
 
 
 @pytest.mark.benchmark(group="relpos_embed_table")
@@ -209,3 +216,4 @@ def test_relpos_embed_table(benchmark, bench_device, sync, device_ceilings, vari
         sincos_evaluations=2 * used_batch * CELLS * DIM // 2,
         achieved_gbps=bytes_moved / mean / 1e9 if mean else None,
         fraction_of_copy_floor=(bytes_moved / (device_ceilings["copy_gbps"] * 1e9)) / mean if mean else None)
+    record_host_overhead(benchmark, fn, bench_device)

@@ -12,13 +12,15 @@ op_bytes (read P and T once, write dL/dP) and op_flops (the two R x C x C GEMMs,
 Q = P F); achieved gbps / tflops; roofline_fraction = max(op_bytes / copy ceiling,
 op_flops / matmul ceiling) / measured time (None with --benchmark-disable); on CUDA the peak extra
 memory of one call (torch.cuda.max_memory_allocated minus what was allocated before) and its ratio
-to size(P) + size(T). On CPU only the reference runs, at batch 2, so `pytest --benchmark-disable`
-stays fast.
+to size(P) + size(T); and the host overhead (`bench.measure.record_host_overhead`: host_overhead =
+wall time per call / GPU kernel time per call from torch.profiler, with wall_ms, gpu_kernel_ms,
+host_ms, kernels_per_call; None off CUDA). On CPU only the reference runs, at batch 2, so
+`pytest --benchmark-disable` stays fast.
 """
 import pytest
 import torch
 
-from bench.measure import peak_extra_bytes
+from bench.measure import peak_extra_bytes, record_host_overhead
 
 from kernels import unigrad_covariance, unigrad_loss, unigrad_loss_reference
 
@@ -93,18 +95,21 @@ def test_unigrad_loss(benchmark, record_rate, device_ceilings, bench_device, syn
     loss_fn = _loss_fn(variant)
 
     def forward():
-        loss = loss_fn(pred, target)
-        sync()
-        return loss
+        return loss_fn(pred, target)
 
     def forward_backward():
         pred.grad = None
         loss = loss_fn(pred, target)
         loss.backward()
+        return loss
+
+    call = forward if mode == "fwd" else forward_backward
+
+    def run():
+        loss = call()
         sync()
         return loss
 
-    run = forward if mode == "fwd" else forward_backward
     run()  # warm-up: compile, autotune-free launch caches, allocator
     pred.grad = None
     peak = peak_extra_bytes(run, bench_device)
@@ -129,6 +134,7 @@ def test_unigrad_loss(benchmark, record_rate, device_ceilings, bench_device, syn
             variant=variant, mode=mode, neg_weight=NEG_WEIGHT, device=str(bench_device),
             peak_extra_bytes=peak,
             peak_extra_over_inputs=peak / (2 * size) if peak is not None else None)
+    record_host_overhead(benchmark, call, bench_device)
 
 
 @pytest.mark.benchmark(group="unigrad_covariance")
@@ -142,8 +148,11 @@ def test_unigrad_covariance(benchmark, record_rate, device_ceilings, bench_devic
     _, target = _data(batch, torch.bfloat16, bench_device)
     covariance_fn = _covariance_fn(variant)
 
+    def call():
+        return covariance_fn(target)
+
     def run():
-        covariance = covariance_fn(target)
+        covariance = call()
         sync()
         return covariance
 
@@ -161,3 +170,4 @@ def test_unigrad_covariance(benchmark, record_rate, device_ceilings, bench_devic
             batch=batch, tokens=TOKENS, channels=CHANNELS, rows=rows, dtype="bf16",
             variant=variant, device=str(bench_device), peak_extra_bytes=peak,
             peak_extra_over_inputs=peak / size if peak is not None else None)
+    record_host_overhead(benchmark, call, bench_device)
