@@ -4,10 +4,15 @@ On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set by the root 
 shapes; on a CUDA machine the same tests run the compiled kernels on the GPU. Every test runs with
 the shipped block sizes and with 16-wide blocks, so that F has several tiles (upper, lower and
 diagonal), the rows several covariance splits, and Q several row and column blocks.
+Also here: torch.library.opcheck of the registered ops' Triton implementation (use_triton=True),
+the launch-plan cache, and that the Triton path makes no torch copies of its inputs. The
+contract tests run on both implementations (host syncs, torch.compile, edge inputs) are in
+test_unigrad_loss_ops.py.
 """
 import importlib
 import os
 import socket
+import traceback
 
 import pytest
 import torch
@@ -274,8 +279,8 @@ def _no_launch(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a kernel was launched")
 
-    for name in ("_launch_row_stats", "_launch_covariance", "_launch_image_mean",
-                 "_launch_loss_grad", "_launch_scale"):
+    for name in ("_launch_row_stats", "_launch_prologue", "_launch_covariance",
+                 "_launch_image_mean", "_launch_loss_grad", "_launch_scale"):
         monkeypatch.setattr(U, name, fail)
 
 
@@ -369,3 +374,159 @@ def test_covariance_is_averaged_over_ranks(tmp_path):
         local_pred, local_target = pred.chunk(2)[rank], target.chunk(2)[rank]
         expected, _ = _ref64(local_pred, local_target, covariance=full_covariance)
         torch.testing.assert_close(loss.double(), expected, rtol=3e-5, atol=1e-6)
+
+
+def test_opcheck_triton_path():
+    pred, target = _inputs((2, 5, 24), seed=11)
+    g = torch.Generator().manual_seed(12)
+    f = torch.randn(24, 24, generator=g).to(DEVICE)
+    ops = torch.ops.densesim
+    for form in ("dense", "paper"):
+        torch.library.opcheck(ops.unigrad_covariance.default, (target, True, form, True))
+    torch.library.opcheck(ops.unigrad_covariance.default, (target, False, "dense", True))
+    for form, first, second in (("dense", None, None), ("dense", f, None),
+                                ("paper", None, None), ("paper", f, f.t() @ f)):
+        torch.library.opcheck(ops.unigrad_loss.default,
+                              (pred.clone().requires_grad_(), target, first, second,
+                               [0.3, 0.7, 1.3], True, form, True, True))
+    torch.library.opcheck(ops.unigrad_loss.default,
+                          (pred, target, None, None, [0.3, 1.0, 1.0], False, "dense", False, True))
+    grad = torch.randn(2, 5, 24, generator=g).to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(ops.unigrad_loss_backward.default,
+                              (grad, torch.tensor(-0.7, device=DEVICE), dtype, True))
+
+
+def _torch_split(covariance, symmetrize):
+    """The torch ops the split kernels replaced: F.to(fp32), (F + F.t()) * 0.5, F.to(bf16),
+    (F - F_hi.float()).to(bf16)."""
+    f = covariance.to(torch.float32)
+    f = (f + f.t()) * 0.5 if symmetrize else f
+    high = f.to(torch.bfloat16)
+    return high, (f - high.to(torch.float32)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_prologue_split_is_bit_exact(blocks, dtype, normalize):
+    """A caller's F (any dtype, any strides) -> (F_hi, F_lo) of (F + F^T)/2 in the prologue
+    launch, with the target's row stats: the same bits as the torch ops, the same stats as the
+    row-stats kernel."""
+    g = torch.Generator().manual_seed(13)
+    _, target = _inputs((3, 7, 37), seed=16)
+    base = torch.randn(37, 37, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    strided = torch.randn(37, 74, generator=g).to(DEVICE, dtype)[:, ::2]
+    for covariances in ((base,), (base.t(),), (strided,), (base.t(), strided)):
+        stats, split = U._launch_prologue(target, normalize, covariances)
+        assert split.shape == (len(covariances), 2, 37, 37) and split.dtype == torch.bfloat16
+        for matrix, covariance in zip(split, covariances):
+            high, low = _torch_split(covariance, True)
+            assert torch.equal(matrix[0], high) and torch.equal(matrix[1], low)
+        if normalize:
+            expected = U._launch_row_stats(target)
+            assert torch.equal(stats[0], expected[0]) and torch.equal(stats[1], expected[1])
+        else:
+            assert stats is None
+
+
+@pytest.mark.parametrize("form", ["dense", "paper"])
+def test_finalize_split_is_bit_exact(blocks, form):
+    """F made here: the finalize kernel writes (F_hi, F_lo) from the values it stores as F."""
+    _, target = _inputs((3, 9, 40), seed=17)
+    stats = U._launch_row_stats(target)
+    centre = U._launch_image_mean(target, stats) if form == "paper" else None
+    covariance, split = U._launch_covariance(target, stats, centre, write_split=True)
+    plain, none = U._launch_covariance(target, stats, centre)
+    assert none is None and torch.equal(covariance, plain)
+    high, low = _torch_split(covariance, False)
+    assert split.shape == (1, 2, 40, 40)
+    assert torch.equal(split[0, 0], high) and torch.equal(split[0, 1], low)
+
+
+def test_launch_plans_are_cached(blocks):
+    """The per-shape launch decisions come from functools.lru_cache'd plans keyed on plain values
+    (shapes, dtypes' sizes, the SM count, the _CONFIG entry): a second call of the same shapes
+    computes none, a patched _CONFIG entry gets its own plan."""
+    pred, target = _inputs((2, 7, 24), seed=14)
+    plans = (U._stats_plan, U._covariance_plan, U._prologue_plan, U._loss_plan, U._scale_plan)
+    for plan in plans:
+        plan.cache_clear()
+    covariance = unigrad_covariance(target, backend="triton")
+    _triton(pred, target)
+    _triton(pred, target, covariance=covariance)
+    misses = [plan.cache_info().misses for plan in plans]
+    # row stats: their own entry + the prologue's lookup; the covariance plan: one shape
+    assert misses == [1, 1, 1, 1, 1]
+    _triton(pred, target)
+    _triton(pred + 1.0, target * 0.5, covariance=covariance * 2)
+    assert [plan.cache_info().misses for plan in plans] == misses
+    _triton(pred[:1], target[:1])  # a new shape: new plans
+    assert U._loss_plan.cache_info().misses > misses[3]
+    key = U._config_key("loss")
+    assert key == tuple(U._CONFIG["loss"].items()) and hash(key) is not None
+
+
+class _TorchOpsFromThisFile(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that kernels/unigrad_loss.py itself runs (not the interpreter's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for frame in reversed(traceback.extract_stack()[:-1]):
+            if "/torch/" in frame.filename or frame.filename == __file__:
+                continue
+            if frame.filename.endswith(os.path.join("kernels", "unigrad_loss.py")):
+                self.ops.append(func.overloadpacket.__name__)
+            break
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form", ["dense", "paper"])
+@pytest.mark.parametrize("given", [False, True])
+def test_triton_path_makes_no_copies(form, given):
+    """Non-contiguous bf16 pred, a strided target, a transposed fp64 covariance: the kernels read
+    them all through their strides. The only torch ops of the Triton forward (the body of
+    densesim::unigrad_loss with use_triton=True, run here under a dispatch mode, which does not
+    see inside a registered op) are the buffers' allocations, views and the final sum and scale;
+    of the backward (densesim::unigrad_loss_backward's body), one allocation."""
+    g = torch.Generator().manual_seed(15)
+    pred = torch.randn(7, 3, 24, generator=g).to(DEVICE, torch.bfloat16).transpose(0, 1)
+    target = (torch.randn(3, 7, 48, generator=g) * 2).to(DEVICE)[..., ::2]
+    f = torch.randn(24, 24, generator=g, dtype=torch.float64).to(DEVICE)
+    covariances = ([f.t()] if form == "dense" else [f.t(), f]) if given else []
+    mode = _TorchOpsFromThisFile()
+    with mode, U._on_device(pred.device):
+        loss, grad = U._triton_forward(pred, target, covariances, 0.5, 0.7, 1.3, True, form, True)
+    # allocations, the loss's sum and scale, and (paper form) views of the split buffer
+    assert {"empty", "sum"} <= set(mode.ops) <= {"empty", "sum", "mul", "add", "select"}, mode.ops
+    mode.ops.clear()
+    with mode, U._on_device(pred.device):
+        grad_pred = U._launch_scale(grad, torch.tensor(-2.0, device=DEVICE), pred.dtype)
+    assert mode.ops == ["empty"], mode.ops
+    if given:
+        covariance = (f.t() + f) / 2 if form == "dense" else ((f.t() + f) / 2, (f + f.t()) / 2)
+    else:
+        covariance = None
+    kw = {"neg_weight": 0.5, "covariance": covariance, "form": form, "global_weight": 0.7,
+          "dense_weight": 1.3}
+    ref_loss, ref_grad = _ref64(pred, target, **kw)
+    lowp_loss, lowp_grad = _triton_free_lowp(pred, target, **kw)
+    assert (loss.double() - ref_loss).abs() <= 2 * (lowp_loss.double() - ref_loss).abs() + 1e-5
+    assert grad_pred.dtype == torch.bfloat16 and grad_pred.shape == pred.shape
+    error = (grad_pred.double() / -2.0 - ref_grad).abs().max()
+    assert error <= 2 * (lowp_grad.double() - ref_grad).abs().max() + 1e-5 * ref_grad.abs().max()
+
+
+def test_triton_backend_refuses_channels_beyond_int32_offsets():
+    """F's offsets are int32 (2 C^2 < 2^31): C > 32,767 is refused before any launch ("auto" runs
+    the reference there)."""
+    pred, target = torch.zeros(2, 32768, device=DEVICE), torch.zeros(2, 32768, device=DEVICE)
+    with pytest.raises(RuntimeError, match="unigrad_loss: backend='triton' supports C <= 32767"):
+        unigrad_loss(pred, target, backend="triton")
+    with pytest.raises(RuntimeError, match="unigrad_covariance: backend='triton' supports C"):
+        unigrad_covariance(target, backend="triton")
+    assert U._select_backend("unigrad_loss", "auto", torch.device("cuda"), 32768) == "reference"
+    assert U._select_backend("unigrad_loss", "auto", torch.device("cuda"), 32767) == (
+        "triton" if U._TRITON_IMPORTABLE else "reference")
