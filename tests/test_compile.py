@@ -6,7 +6,8 @@ What is pinned here:
     `densesim::` ops (opaque calls in the graph), and matches eager: loss within 1e-5 relative,
     gradients within 1e-4 of their largest entry;
   * every method's optimisation step with its blocks/heads/norms compiled gives the eager step's
-    loss and gradients (fp32 within 1e-4; bf16 autocast with accumulation within 2e-2);
+    loss and gradients (fp32 within 1e-4; bf16 autocast with accumulation within 2e-2), also
+    with the Triton kernels (the interpreter on a CPU) between the compiled regions;
   * `python -m engine.pretrain --compile`: 20 steps give the eager loss curve from the same seed
     (every logged loss within 1e-3 relative), the log says what was compiled and how long the first
     step took, and `--compile --resume` continues the compiled run (same curve within 1e-5);
@@ -156,6 +157,23 @@ def test_regional_compile_gives_the_eager_step(method):
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
     assert_grads_close(got_grads, want_grads, 1e-4)
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints unchanged
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+def test_regional_compile_with_the_triton_kernels():
+    """--compile --fused: the Triton ops (the interpreter here) called between compiled regions."""
+    cfg = tiny("sim")
+    torch.manual_seed(0)
+    eager = build_method(cfg).train()
+    compiled = copy.deepcopy(eager)
+    compile_regions(compiled)
+    triton = {op: "triton" for op in REFERENCE}
+    step_batches = batches(cfg, 1)
+    want_loss, want_grads = step_gradients(session(eager, cfg, triton), step_batches)
+    got_loss, got_grads = step_gradients(session(compiled, cfg, triton), step_batches)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert_grads_close(got_grads, want_grads, 1e-4)
 
 
 def test_regional_compile_with_bf16_autocast_and_accumulation():
