@@ -54,5 +54,10 @@ def mean_over_ranks(value: torch.Tensor, group: ProcessGroupInfo) -> torch.Tenso
 
 
 def shutdown(group: ProcessGroupInfo) -> None:
+    """Leave the process group together: without the barrier a rank that finished first (the
+    others skip rank 0's checkpoint and plot) tore its gloo connections down while rank 0 still
+    used them, and aborted at exit ("terminate called without an active exception") now and then
+    on a loaded 2-core CI machine."""
     if group.active and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
