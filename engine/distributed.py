@@ -41,7 +41,19 @@ def init_from_environment(device_name: str) -> ProcessGroupInfo:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    global _CONTROL
+    # host-side agreement between ranks (stop requests) without touching the device: gloo always
+    _CONTROL = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return ProcessGroupInfo(rank, world_size, local_rank)
+
+
+_CONTROL = None
+
+
+def control_group():
+    """The process group for small host-side collectives (the default group on gloo runs, a gloo
+    group beside NCCL on GPU runs)."""
+    return _CONTROL
 
 
 def mean_over_ranks(value: torch.Tensor, group: ProcessGroupInfo) -> torch.Tensor:

@@ -23,6 +23,29 @@ class MetricsLog:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after `step` (a resumed run redoes them: without this, a run
+        killed after its last checkpoint would log those steps twice); returns how many were
+        dropped. The file is rewritten atomically."""
+        if not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:   # a line cut by a crash
+                dropped += 1
+                continue
+            if record.get("step", 0) > step:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        return dropped
+
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []

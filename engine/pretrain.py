@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.checkpoint import CHECKPOINT_NAME, CheckpointError
+from engine.checkpoint import CheckpointError, has_checkpoint
 from engine.compile import COMPILE_MODES
 from engine.methods import METHODS, check_method_config
 from engine.presets import (BACKBONES, DEFAULT_PRESET, LOADERS, PRESETS, ConfigError, demo_preset,
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: runs/<preset>/<date-time>); with --resume "
                              "and no --out, the newest run of the preset that has a checkpoint")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue the run in --out if it has a checkpoint, else start it "
+                             "(for schedulers that re-run the same command after a pre-emption); "
+                             "without --out: the newest run of the preset, as --resume")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
@@ -108,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=None, help="steps between log lines")
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="steps between checkpoints (one is always written at the end)")
+    parser.add_argument("--keep", type=int, default=2, metavar="N",
+                        help="numbered checkpoints to keep (the newest N, each checksummed; a "
+                             "corrupt newest one falls back to the one before on --resume)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop after N steps in this invocation (continue with --resume), "
                              "e.g. to fit a job time limit")
@@ -117,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def newest_run_with_checkpoint(preset: str) -> Path | None:
     root = Path("runs") / preset
-    candidates = sorted(root.glob(f"*/{CHECKPOINT_NAME}")) if root.is_dir() else []
-    return candidates[-1].parent if candidates else None
+    candidates = sorted(run for run in root.iterdir() if has_checkpoint(run)) \
+        if root.is_dir() else []
+    return candidates[-1] if candidates else None
 
 
 def parse_eval_data(value: str | None) -> tuple[str, str] | None:
@@ -171,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["steps"] = None  # an explicit --epochs replaces a preset's step count
         for field, value in overrides.items():
             setattr(cfg, field, value)
+        if args.keep < 1:
+            raise RunError(f"--keep must be at least 1 (the newest checkpoint), got {args.keep}")
         method_args = parse_method_args(args.method_arg)
         if method_args:
             cfg.method_args = {**cfg.method_args, **method_args}
@@ -178,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate()
         check_method_config(cfg)
         out = args.out
+        if args.auto_resume:
+            found = out if out is not None and has_checkpoint(out) else (
+                newest_run_with_checkpoint(preset) if out is None else None)
+            args.resume, out = found is not None, found if found is not None else out
         if out is None and args.resume:
             out = newest_run_with_checkpoint(preset)
             if out is None:
@@ -186,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is None:
             out = Path("runs") / preset / time.strftime("%Y%m%d-%H%M%S")
         run = RunOptions(out=out, data=args.data, device=args.device, fused=args.fused,
-                         compile=args.compile,
+                         compile=args.compile, keep=args.keep,
                          eval_data=parse_eval_data(args.eval_data),
                          resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,
                          resume_overrides={k: v for k, v in overrides.items() if v is not None})

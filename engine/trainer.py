@@ -24,16 +24,18 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.checkpoint import (CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state,
-                               save_checkpoint)
+from engine.checkpoint import (CHECKPOINT_NAME, has_checkpoint, load_latest, restore_rng_state,
+                               rng_state, save_checkpoint)
 from engine.compile import CompiledRegions, compile_regions
-from engine.distributed import ProcessGroupInfo, init_from_environment, mean_over_ranks, shutdown
+from engine.distributed import (ProcessGroupInfo, control_group, init_from_environment,
+                                mean_over_ranks, shutdown)
 from engine.eval import OnlineKnn
 from engine.fused import choose_kernels
 from engine.loaders import build_loader as choose_loader
 from engine.methods import Method, StepContext, build_method, check_method_config
 from engine.monitor import MetricsLog, ProgressBar, plot_loss_curve
 from engine.optim import make_optimizer
+from engine.preemption import StopRequest
 from engine.presets import PretrainConfig
 from engine.schedules import ema_momentum, learning_rate
 from pipelines.datasets import DataError
@@ -58,6 +60,8 @@ class RunOptions:
     resume_overrides: dict = field(default_factory=dict)
     # --compile [MODE]: regional torch.compile (engine/compile.py); None runs eagerly.
     compile: str | None = None
+    # --keep N: numbered checkpoints kept (the newest N; a corrupt newest one falls back).
+    keep: int = 2
 
 
 def log(message: str, quiet: bool = False) -> None:
@@ -101,7 +105,7 @@ def prepare_output_dir(out: Path, resume: bool, write: bool = True) -> Path:
         except OSError as exc:
             raise RunError(f"cannot write to output folder {out} ({exc.strerror or exc}): "
                            f"choose a writable --out") from exc
-    if not resume and (out / CHECKPOINT_NAME).exists():
+    if not resume and has_checkpoint(out):
         raise RunError(f"{out} already holds a checkpoint: pass --resume to continue that run, "
                        f"or choose another --out (nothing was overwritten)")
     return out
@@ -234,7 +238,10 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     group = init_from_environment(run.device)
     quiet = run.quiet or not group.is_main
     out = prepare_output_dir(run.out, run.resume, write=group.is_main)
-    checkpoint = load_checkpoint(out) if run.resume else None
+    loaded = load_latest(out) if run.resume else None
+    checkpoint = loaded.state if loaded else None
+    for problem in loaded.skipped if loaded else []:
+        log(f"resume: skipped {problem}", quiet)
     if checkpoint is not None:
         cfg = _config_for_resume(checkpoint, run.resume_overrides)
     cfg.validate()
@@ -276,7 +283,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
         start_step, position = checkpoint["step"], checkpoint["data_position"]
-        log(f"resuming {out} at step {start_step}/{total_steps}", quiet)
+        log(f"resuming {out} at step {start_step}/{total_steps} from {loaded.path.name}", quiet)
     compiled = compile_model(model, run.compile, device, quiet)
     online = wrap_data_parallel(model, device, group)
     if group.is_main:
@@ -300,6 +307,11 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     session = StepSession(cfg, model, online, optimizer, scaler, device, amp_dtype,
                           kernels_used.backend, group)
     metrics = MetricsLog(out / "metrics.jsonl")
+    if checkpoint is not None and group.is_main:
+        redone = metrics.truncate_after(start_step)
+        if redone:
+            log(f"metrics: dropped {redone} records after step {start_step} (the steps a crash "
+                f"lost since that checkpoint are run again)", quiet)
     progress = None if quiet else ProgressBar(total_steps)
     stream = loader.stream(position["epoch"], position["batch"])
     skipped: set[str] = set()
@@ -327,6 +339,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     if monitor and start_step == 0:
         last_eval = evaluate_now(0)  # the random-init baseline, first point of the kNN curve
     model.train()
+    stop = StopRequest(control_group(), group.active)   # SIGTERM/SIGINT: finish the step, save
     for step in range(start_step, final_stop):
         step_started = time.perf_counter()
         lr = learning_rate(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
@@ -386,32 +399,39 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
             # Outside the timed interval: the next step's clock starts after this.
             last_eval = evaluate_now(last_step)
         if last_step % cfg.checkpoint_every == 0 and last_step < final_stop and group.is_main:
-            _save(out, model, optimizer, scaler, cfg, last_step, position, schedule)
+            _save(out, model, optimizer, scaler, cfg, last_step, position, schedule, run.keep)
+
+        if stop.should_stop():
+            break
+    stop.restore()
 
     if progress:
         progress.close()
     curve = None
     if group.is_main:
-        _save(out, model, optimizer, scaler, cfg, last_step, position, schedule)
+        _save(out, model, optimizer, scaler, cfg, last_step, position, schedule, run.keep)
         curve = plot_loss_curve(metrics.read(), out / "loss_curve.png",
                                 title=f"{model.name} pre-training loss ({cfg.preset})")
+    if stop.signal is not None:
+        log(f"stopped by {stop.name} after step {last_step}/{total_steps}; checkpoint saved: "
+            f"continue with the same command and --resume --out {out}", quiet)
     log(f"done: step {last_step}/{total_steps}; checkpoint {out / CHECKPOINT_NAME}, metrics "
         f"{out / 'metrics.jsonl'}" + (f", plot {curve}" if curve else "")
         + (f"; {len(skipped)} unreadable images skipped" if skipped else ""), quiet)
     shutdown(group)
     return {"out": out, "step": last_step, "total_steps": total_steps, "model": model,
-            "knn": last_eval,
+            "knn": last_eval, "stopped_by": stop.name,
             "skipped_files": sorted(skipped), "kernels": kernels_used.backend}
 
 
-def _save(out, model, optimizer, scaler, cfg, step, position, schedule) -> None:
+def _save(out, model, optimizer, scaler, cfg, step, position, schedule, keep: int = 2) -> None:
     """Everything a resume needs. The lr and momentum are functions of the step; `schedule`
     records their parameters (total/warm-up steps, peak lr) so a reader can recompute them."""
     save_checkpoint(out, {"method": cfg.method, "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict(), "config": cfg.to_dict(), "step": step,
                           "schedule": schedule, "data_position": position, "rng": rng_state(),
-                          "versions": {"torch": torch.__version__}})
+                          "versions": {"torch": torch.__version__}}, keep=keep)
 
 
 RESUMABLE_OVERRIDES = ("steps", "epochs", "workers", "log_every", "checkpoint_every", "loader",
@@ -422,11 +442,23 @@ def _config_for_resume(checkpoint: dict, overrides: dict) -> PretrainConfig:
     """The run's own configuration; only its length and runtime knobs may change on resume."""
     cfg = PretrainConfig.from_dict(checkpoint["config"])
     for key, value in overrides.items():
+        if key not in RESUMABLE_OVERRIDES and _same_value(getattr(cfg, key, None), value):
+            continue  # the identical command line a scheduler re-runs: nothing changes
         if key not in RESUMABLE_OVERRIDES:
             raise RunError(f"--{key.replace('_', '-')} cannot change when resuming (the run keeps "
                            f"its own configuration): drop it, or start a new run in another --out")
         setattr(cfg, key, value)
     return cfg
+
+
+def _same_value(stored, given) -> bool:
+    """A CLI value equal to the run's own (JSON turned tuples into lists, ints into floats)."""
+    if isinstance(stored, (list, tuple)) and isinstance(given, (list, tuple)):
+        return len(stored) == len(given) and all(map(_same_value, stored, given))
+    if isinstance(stored, dict) and isinstance(given, dict):
+        return stored.keys() == given.keys() and all(_same_value(stored[k], given[k])
+                                                     for k in stored)
+    return stored == given
 
 
 __all__ = ["pretrain", "RunOptions", "RunError", "DataError"]

@@ -1,0 +1,267 @@
+"""Training that survives faults (issue 11), on the CPU: every fault injected for real.
+
+  * checkpoints: the last --keep N numbered ones kept, each checksummed; a truncated or corrupt
+    newest one is detected on --resume and the one before is used (the log says so); a crash in the
+    middle of a save (the bytes half written) and a full disk leave the previous checkpoint
+    loadable and the run resumable, with a one-line error;
+  * SIGTERM (a scheduler's pre-emption) and SIGINT: the current step finishes, a checkpoint is
+    saved, the process exits 0 saying how to resume, and the resumed run ends where an
+    uninterrupted one does, bit for bit;
+  * the identical command line runs again after a crash: --resume with the same config flags is
+    accepted, and --auto-resume continues (or starts) the run;
+  * kill -9 at a random step, then the same command with --resume: final parameters, queues and
+    metrics equal an uninterrupted run's, bit for bit.
+The runs are SIM's and MoCo v2's demo presets at 32 px (seconds each).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.checkpoint import CheckpointError, load_latest, numbered_checkpoints, save_checkpoint
+from engine.pretrain import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SIM_TINY = ["--steps", "6", "--batch-size", "4", "--workers", "0", "--log-every", "1",
+            "--checkpoint-every", "1", "--no-fused", "--device", "cpu", "--seed", "3"]
+
+
+def cli(out: Path, *extra: str) -> int:
+    return main([*SIM_TINY, "--out", str(out), *extra])
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out: Path) -> dict:
+    return load_latest(out).state["model"]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted 6-step run every fault is compared with."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert cli(out) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def test_keep_n_numbered_checkpoints_each_checksummed(tmp_path):
+    assert cli(tmp_path / "run", "--keep", "3") == 0
+    kept = numbered_checkpoints(tmp_path / "run")
+    assert [step for step, _ in kept] == [6, 5, 4]
+    for _, path in kept:
+        assert ckpt._verify(path) is None
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == kept[0][1].read_bytes()
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, straight, damage):
+    out = tmp_path / "run"
+    assert cli(out, "--stop-after", "4") == 0
+    newest = numbered_checkpoints(out)[0][1]
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        newest.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli(out, "--resume") == 0
+    text = capsys.readouterr().out
+    assert "resume: skipped checkpoint-00000004.pt" in text
+    assert "from checkpoint-00000003.pt" in text
+    assert_same_state(final_state(out), final_state(straight))      # the lost step is redone
+    assert [r["step"] for r in records(out)] == list(range(1, 7))   # logged once each
+
+
+def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                      straight):
+    out = tmp_path / "run"
+    assert cli(out, "--stop-after", "3") == 0
+    real_fsync = os.fsync
+
+    def half_written_then_crash(fd):       # the process dies after writing half the bytes
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.name.endswith(".pt.tmp"):
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)
+            raise SystemExit("killed during the save")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", half_written_then_crash)
+    with pytest.raises(SystemExit):
+        cli(out, "--resume", "--stop-after", "1")
+    monkeypatch.undo()
+    assert load_latest(out).state["step"] == 3        # intact, and no half file published
+    assert not list(out.glob("*.tmp"))
+    assert cli(out, "--resume") == 0
+    assert_same_state(final_state(out), final_state(straight))
+
+
+def test_full_disk_is_a_one_line_error_and_the_previous_checkpoint_survives(tmp_path, monkeypatch,
+                                                                            capsys):
+    out = tmp_path / "run"
+    assert cli(out, "--stop-after", "2") == 0
+    real_write = ckpt._write_atomically
+
+    def no_space(path, data):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data[:10])                # partly written, then the disk is full
+        tmp.unlink()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "_write_atomically", no_space)
+    capsys.readouterr()
+    assert cli(out, "--resume", "--stop-after", "1") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert "checkpoint-00000002.pt is intact" in err[0]
+    monkeypatch.setattr(ckpt, "_write_atomically", real_write)
+    assert load_latest(out).state["step"] == 2
+
+
+def test_save_checkpoint_unit_keeps_and_rejects(tmp_path):
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, {"step": step, "x": torch.full((3,), float(step))}, keep=2)
+    assert [s for s, _ in numbered_checkpoints(tmp_path)] == [4, 3]
+    for _, path in numbered_checkpoints(tmp_path):
+        path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        load_latest(tmp_path)
+    with pytest.raises(CheckpointError, match="keep must be"):
+        save_checkpoint(tmp_path, {"step": 9}, keep=0)
+
+
+# ------------------------------------------------------------------------ the same command again
+def test_identical_command_resumes_and_auto_resume_continues(tmp_path, straight, capsys):
+    out = tmp_path / "run"
+    assert cli(out, "--stop-after", "2") == 0
+    # the same command line (with its --seed and --batch-size) and --resume: accepted
+    assert cli(out, "--resume", "--stop-after", "2") == 0
+    assert load_latest(out).state["step"] == 4
+    # a changed config flag is still refused, in one line
+    capsys.readouterr()
+    assert main([*SIM_TINY[:-1], "4", "--out", str(out), "--resume"]) == 2
+    assert "--seed cannot change when resuming" in capsys.readouterr().err
+    # --auto-resume: continues the run in --out ...
+    assert cli(out, "--auto-resume") == 0
+    assert_same_state(final_state(out), final_state(straight))
+    # ... and starts one where there is none
+    fresh = tmp_path / "fresh"
+    assert cli(fresh, "--auto-resume", "--stop-after", "1") == 0
+    assert load_latest(fresh).state["step"] == 1
+
+
+# ------------------------------------------------------------------- signals and kill -9, for real
+def launch(out: Path, *extra: str, steps: int = 30) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    args = [sys.executable, "-m", "engine.pretrain", "--method", "mocov2", "--steps", str(steps),
+            "--batch-size", "4", "--workers", "0", "--log-every", "1", "--checkpoint-every",
+            "1", "--no-fused", "--device", "cpu", "--seed", "1", "--out", str(out),
+            "--method-arg", "queue_length=64", "--method-arg", "hidden=32",
+            "--method-arg", "dim=16", *extra]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").is_file() and len(records(out)) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def mocov2_straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mocov2") / "run"
+    proc = launch(out)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_step_saves_and_exits_0(tmp_path, mocov2_straight, signum):
+    out = tmp_path / "run"
+    proc = launch(out)
+    wait_for_step(out, 3, proc)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} after step" in stdout + stderr
+    assert "--resume" in stdout + stderr
+    stopped_at = load_latest(out).state["step"]
+    assert 3 <= stopped_at < 30
+    proc = launch(out, "--resume")
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert_same_state(final_state(out), final_state(mocov2_straight))   # queues included
+    same = ("step", "loss", "lr", "momentum", "grad_norm")
+    assert [{k: r[k] for k in same} for r in records(out)] == \
+        [{k: r[k] for k in same} for r in records(mocov2_straight)]
+
+
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """A signal that reaches one rank only: the ranks agree (a host-side all-reduce after every
+    step), all stop after the same step, rank 0 saves, and torchrun exits 0."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "engine.pretrain", "--device", "cpu", "--no-fused", "--out", str(out),
+         "--steps", "200", "--batch-size", "8", "--workers", "0", "--log-every", "1",
+         "--checkpoint-every", "1000"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(out, 2, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(pid) for pid in workers.stdout.split()]
+    assert len(pids) == 2, workers
+    os.kill(pids[-1], signal.SIGTERM)                    # one rank only
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    text = stdout + stderr
+    assert text.count("stopped by SIGTERM after step") == 1     # rank 0 talks
+    stopped_at = load_latest(out).state["step"]
+    assert 2 <= stopped_at < 200
+    assert records(out)[-1]["step"] == stopped_at
+
+
+def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tmp_path, mocov2_straight):
+    out = tmp_path / "run"
+    proc = launch(out)
+    wait_for_step(out, random.Random().randint(2, 20), proc)
+    proc.kill()                                          # SIGKILL: no handler, no clean-up
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    proc = launch(out, "--resume")
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert_same_state(final_state(out), final_state(mocov2_straight))
+    same = ("step", "loss", "lr", "momentum", "grad_norm")
+    assert [{k: r[k] for k in same} for r in records(out)] == \
+        [{k: r[k] for k in same} for r in records(mocov2_straight)]
