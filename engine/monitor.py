@@ -72,7 +72,7 @@ class ProgressBar:
         self.started = time.perf_counter()
 
     def update(self, step: int, loss: float, img_per_s: float, data_wait: float,
-               lr: float | None = None) -> None:
+               lr: float | None = None, skipped_steps: int = 0) -> None:
         done = step / max(1, self.total)
         filled = int(round(self.width * done))
         bar = "#" * filled + "-" * (self.width - filled)
@@ -80,7 +80,8 @@ class ProgressBar:
         eta = "" if step == 0 else f" | ETA {format_seconds(elapsed / done * (1 - done))}"
         lr_text = "" if lr is None else f" | lr {lr:.2e}"
         line = (f"[{bar}] step {step}/{self.total} | loss {loss:.4f}{lr_text} | "
-                f"{img_per_s:.1f} img/s | data-wait {100 * data_wait:.0f}%{eta}")
+                f"{img_per_s:.1f} img/s | data-wait {100 * data_wait:.0f}%{eta}"
+                + (f" | {skipped_steps} bad steps skipped" if skipped_steps else ""))
         if self.interactive:
             self.stream.write("\r" + line + "\033[K")
         else:

@@ -80,9 +80,20 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buffers.append(state["momentum_buffer"])
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, grads)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is None:
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, grads)
+                torch._foreach_add_(params, buffers, alpha=-group["lr"])
+                continue
+            # a step that may be skipped (engine.trainer sets found_inf, a device tensor): the
+            # same arithmetic into new tensors, kept only where found_inf is 0 -- no host sync
+            keep = found_inf.reshape(()) == 0
+            new_buffers = torch._foreach_mul(buffers, group["momentum"])
+            torch._foreach_add_(new_buffers, grads)
+            new_params = torch._foreach_add(params, new_buffers, alpha=-group["lr"])
+            for old, new in zip(buffers + params, new_buffers + new_params):
+                old.copy_(torch.where(keep, new, old))
         return loss
 
 
@@ -98,7 +109,7 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.O
     if cfg.optimizer == "sgd":
         for g in groups:
             g.pop("lars_exclude")
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum, foreach=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum, fused=True)
     if cfg.optimizer == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.sgd_momentum,
                     weight_decay=cfg.weight_decay, trust_coefficient=cfg.lars_trust)

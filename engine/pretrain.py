@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=int, default=2, metavar="N",
                         help="numbered checkpoints to keep (the newest N, each checksummed; a "
                              "corrupt newest one falls back to the one before on --resume)")
+    parser.add_argument("--max-bad-steps", type=int, default=20, metavar="N",
+                        help="a step with a non-finite loss or gradient is skipped (weights, EMA, "
+                             "queues and BatchNorm statistics unchanged) and counted; after N in "
+                             "a row the run does what --on-bad-steps says")
+    parser.add_argument("--on-bad-steps", choices=["stop", "continue"], default="stop",
+                        help="stop: end with a one-line error (the checkpoint holds the last good "
+                             "state); continue: say so and go on with the next batches")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop after N steps in this invocation (continue with --resume), "
                              "e.g. to fit a job time limit")
@@ -179,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["steps"] = None  # an explicit --epochs replaces a preset's step count
         for field, value in overrides.items():
             setattr(cfg, field, value)
+        if args.max_bad_steps < 1:
+            raise RunError(f"--max-bad-steps must be at least 1, got {args.max_bad_steps}")
         if args.keep < 1:
             raise RunError(f"--keep must be at least 1 (the newest checkpoint), got {args.keep}")
         method_args = parse_method_args(args.method_arg)
@@ -201,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path("runs") / preset / time.strftime("%Y%m%d-%H%M%S")
         run = RunOptions(out=out, data=args.data, device=args.device, fused=args.fused,
                          compile=args.compile, keep=args.keep,
+                         max_bad_steps=args.max_bad_steps, on_bad_steps=args.on_bad_steps,
                          eval_data=parse_eval_data(args.eval_data),
                          resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,
                          resume_overrides={k: v for k, v in overrides.items() if v is not None})

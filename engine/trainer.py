@@ -34,7 +34,7 @@ from engine.fused import choose_kernels
 from engine.loaders import build_loader as choose_loader
 from engine.methods import Method, StepContext, build_method, check_method_config
 from engine.monitor import MetricsLog, ProgressBar, plot_loss_curve
-from engine.optim import make_optimizer
+from engine.optim import LARS, make_optimizer
 from engine.preemption import StopRequest
 from engine.presets import PretrainConfig
 from engine.schedules import ema_momentum, learning_rate
@@ -62,6 +62,10 @@ class RunOptions:
     compile: str | None = None
     # --keep N: numbered checkpoints kept (the newest N; a corrupt newest one falls back).
     keep: int = 2
+    # Steps with a non-finite loss/gradient are skipped; after this many in a row (seen at the
+    # next log step) the run stops ("stop") or says so and goes on ("continue").
+    max_bad_steps: int = 20
+    on_bad_steps: str = "stop"
 
 
 def log(message: str, quiet: bool = False) -> None:
@@ -194,6 +198,8 @@ def optimisation_step(s: StepSession, batches: list[dict], step: int, momentum: 
                       seed=s.cfg.seed, mark=mark)
     method.before_step(momentum)
     mark("ema")
+    norm_buffers = _norm_statistics(method)
+    saved_statistics = torch._foreach_mul(norm_buffers, 1) if norm_buffers else []
     with s.autocast():
         prepared = method.prepare(batches, ctx)
 
@@ -211,18 +217,65 @@ def optimisation_step(s: StepSession, batches: list[dict], step: int, momentum: 
         step_loss += loss.detach()
         for name, value in terms.items():
             figures[name] = figures.get(name, 0.0) + value.detach().float() / accum
-    method.after_step(ctx)
-    mark("queue")
 
     s.scaler.unscale_(s.optimizer)
     trainable = [p for group in s.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(
         trainable, s.cfg.clip_grad if s.cfg.clip_grad > 0 else float("inf"), foreach=True)
-    s.scaler.step(s.optimizer)
-    s.scaler.update()
+    # A non-finite loss or gradient skips the whole step -- queues, optimiser, the next EMA --
+    # decided on the device (no host sync): the optimiser's found_inf, torch.where elsewhere.
+    # grad_norm is over the all-reduced gradients, so every rank decides the same.
+    ctx.ok = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+    for buffer, saved in zip(norm_buffers, saved_statistics):   # a bad batch's BN statistics
+        buffer.copy_(torch.where(ctx.ok, buffer, saved))
+    method.after_step(ctx)
+    mark("queue")
+    _step_unless_bad(s, ctx.ok)
     s.optimizer.zero_grad(set_to_none=True)
+    method.last_step_ok = ctx.ok
     mark("optimizer")
+    figures["skipped"] = (~ctx.ok).float()
     return step_loss, grad_norm, figures
+
+
+def _mean_of_good(values: list[torch.Tensor], good: torch.Tensor) -> torch.Tensor:
+    """The mean over the steps that were not skipped (NaN when all were)."""
+    stacked = torch.stack(values)
+    return torch.where(good > 0, stacked, 0).sum() / good.sum()
+
+
+def _norm_statistics(method: Method) -> list[torch.Tensor]:
+    """The running statistics of every BatchNorm of the method (a few floats per channel): kept
+    aside at the start of a step so that a skipped step leaves them as they were."""
+    found = getattr(method, "_norm_statistics_cache", None)
+    if found is None:
+        found = [buffer for module in method.modules()
+                 if isinstance(module, torch.nn.modules.batchnorm._NormBase)
+                 for buffer in (module.running_mean, module.running_var,
+                                module.num_batches_tracked)
+                 if buffer is not None]
+        method._norm_statistics_cache = found
+    return found
+
+
+def _step_unless_bad(s: StepSession, ok: torch.Tensor) -> None:
+    """The optimiser step, skipped on the device when `ok` is False. The fused AdamW/SGD and our
+    LARS read `found_inf` (the GradScaler's protocol); with fp16 the GradScaler sets it itself
+    (non-finite gradients after scaling are its own skip, and it lowers the scale). Any other
+    optimiser (apex's LAMB) is skipped by reading `ok` on the host: one sync per step."""
+    optimizer = s.optimizer
+    if s.scaler.is_enabled():
+        s.scaler.step(optimizer)
+        s.scaler.update()
+        return
+    if getattr(optimizer, "_step_supports_amp_scaling", False) or isinstance(optimizer, LARS):
+        optimizer.grad_scale, optimizer.found_inf = None, (~ok).float()   # 0-d, as state steps
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif bool(ok):
+        optimizer.step()
 
 
 def momentum_at(cfg: PretrainConfig, step: int, total_steps: int) -> float:
@@ -317,6 +370,9 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     skipped: set[str] = set()
     interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
     interval_figures: dict[str, list[torch.Tensor]] = {}
+    skipped_steps = 0       # steps skipped for a non-finite loss or gradient, and the longest run
+    bad_streak = torch.zeros((), device=device)
+    worst_streak = torch.zeros((), device=device)
     last_step = start_step
     final_stop = min(total_steps, start_step + run.stop_after if run.stop_after else total_steps)
 
@@ -370,19 +426,30 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         interval_loss.append(step_loss)
         for name, value in figures.items():
             interval_figures.setdefault(name, []).append(value)
+        bad_streak = (bad_streak + 1) * figures["skipped"]        # on the device
+        worst_streak = torch.maximum(worst_streak, bad_streak)
         interval_images += global_batch
         interval_time += time.perf_counter() - step_started
         interval_wait += data_wait
         if log_now:
-            mean_loss = mean_over_ranks(torch.stack(interval_loss).mean(), group).item()
-            if not math.isfinite(mean_loss):
-                raise RunError(f"the loss became {mean_loss} at step {last_step}: lower the "
-                               f"learning rate (--blr) or use --precision fp32; the last "
-                               f"checkpoint in {out} is intact")
+            good = 1.0 - torch.stack(interval_figures.pop("skipped"))
+            skipped_now = round(float(len(good) - good.sum()))
+            skipped_steps += skipped_now
+            worst, worst_streak = int(worst_streak), bad_streak.clone()
+            if worst >= run.max_bad_steps:
+                message = (f"{worst} steps in a row had a non-finite loss or gradient (up to step "
+                           f"{last_step}); each was skipped, so the weights, EMA, queues and "
+                           f"BatchNorm statistics are those of the last good step")
+                if run.on_bad_steps == "stop":
+                    raise RunError(message + f"; the last checkpoint in {out} is intact: lower "
+                                   f"--blr, use --precision fp32, or check the data")
+                log(message + "; continuing (--on-bad-steps continue)", quiet)
+            mean_loss = mean_over_ranks(_mean_of_good(interval_loss, good), group).item()
             record = {"step": last_step, "epoch": round(last_step / steps_per_epoch, 4),
                       "loss": mean_loss,
-                      **{name: mean_over_ranks(torch.stack(values).mean(), group).item()
+                      **{name: mean_over_ranks(_mean_of_good(values, good), group).item()
                          for name, values in interval_figures.items()},
+                      "skipped_steps": skipped_steps,
                       "lr": lr, "momentum": momentum,
                       "grad_norm": float(grad_norm), "img_per_s": interval_images / interval_time,
                       "data_wait": interval_wait / interval_time, "skipped_files": len(skipped),
@@ -390,7 +457,8 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
             if group.is_main:
                 metrics.write(record)
             if progress:
-                progress.update(last_step, mean_loss, record["img_per_s"], record["data_wait"], lr)
+                progress.update(last_step, mean_loss, record["img_per_s"], record["data_wait"], lr,
+                                skipped_steps)
             interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
             interval_figures = {}
         periodic = (eval_interval and last_step % eval_interval == 0

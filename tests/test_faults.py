@@ -382,3 +382,110 @@ def test_no_host_memory_growth_over_many_steps(method):
             kept.clear()
     growth = resident_mib() - before
     assert growth < 16, f"resident memory grew by {growth:.1f} MiB over 300 steps"
+
+
+# --------------------------------------------------------------------------- non-finite steps
+def step_session(method: str):
+    from engine.methods import build_method
+    from engine.presets import PretrainConfig, preset_config
+    from engine.trainer import StepSession, make_optimizer
+    from pipelines.augment import augment_recipe
+    from pipelines.datasets import sample_photos
+    from pipelines.torch_loader import TwoViewLoader
+
+    values = preset_config("sim-demo-cpu" if method == "sim" else f"{method}-demo-cpu").to_dict()
+    values.update(img_size=32, batch_size=4, precision="fp32", preset="test-nan")
+    if method == "sim":
+        values.update(backbone="vit", patch_size=8, dim=32, depth=1, heads=2, decoder_dim=32,
+                      decoder_heads=2, projector_depth=1, predictor_depth=1)
+    elif method == "densecl":   # ResNet-18: BatchNorm statistics, the queues, SGD
+        values.update(method_args=dict(queue_length=32, hidden=32, dim=16))
+    else:                       # PixPro: LARS, BatchNorm heads
+        values.update(method_args=dict(hidden=32, dim=16))
+    cfg = PretrainConfig.from_dict(values).validate()
+    torch.manual_seed(0)
+    model = build_method(cfg).train()
+    optimizer = make_optimizer(model, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2
+    loader = TwoViewLoader(sample_photos(), augment_recipe("sim" if method == "sim" else "mocov2",
+                                                           32, blur=False),
+                           batch_size=4, workers=0, seed=0)
+    session = StepSession(cfg, model, model, optimizer,
+                          torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None,
+                          {})
+    return session, list(loader.epoch_batches(0))[:4]
+
+
+def snapshot(session) -> dict:
+    state = {f"model.{k}": v.clone() for k, v in session.method.state_dict().items()}
+    for index, per_param in enumerate(session.optimizer.state.values()):
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                state[f"optim.{index}.{key}"] = value.clone()
+    return state
+
+
+@pytest.mark.parametrize("method", ["sim", "densecl", "pixpro"])   # AdamW, SGD, LARS
+@pytest.mark.parametrize("where", ["batch", "gradient"])
+def test_a_non_finite_step_changes_nothing_and_is_counted(method, where):
+    from engine.trainer import optimisation_step
+
+    session, batches = step_session(method)
+    optimisation_step(session, [batches[0]], 0, 0.99)
+    optimisation_step(session, [batches[1]], 1, 0.99)
+    before = snapshot(session)
+    bad = dict(batches[2])
+    handle = None
+    if where == "batch":
+        bad["view1"] = bad["view1"].clone()
+        bad["view1"][1] = float("nan")            # one image of the batch
+    else:
+        first = next(p for p in session.method.parameters() if p.requires_grad)
+        handle = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    loss, grad_norm, figures = optimisation_step(session, [bad], 2, 0.99)
+    if handle is not None:
+        handle.remove()
+    assert float(figures["skipped"]) == 1.0
+    after = snapshot(session)
+    assert before.keys() == after.keys()
+    target_weights = {name for name, p in session.method.named_parameters()
+                      if name.startswith("target_") and not p.requires_grad}
+    for name, value in before.items():      # weights, queues, BN statistics, optimiser state
+        if name.removeprefix("model.") not in target_weights:
+            assert torch.equal(after[name], value), name
+    # The EMA runs at the start of a step, toward the weights the last step left: the bad step's
+    # EMA is the one the next step would have made, and the next step's EMA is skipped instead
+    # (on the device). So the target moves exactly as if the bad batch had never come.
+    _, _, figures = optimisation_step(session, [batches[3]], 3, 0.99)
+    assert float(figures["skipped"]) == 0.0
+    state = session.method.state_dict()
+    for name in target_weights:
+        assert torch.equal(state[name], after[f"model.{name}"]), name
+    assert any(not torch.equal(state[k], before[f"model.{k}"]) for k in state
+               if k.startswith("encoder."))                       # and training goes on
+
+
+def test_too_many_bad_steps_in_a_row_stop_or_continue(tmp_path, monkeypatch, capsys):
+    import engine.trainer as trainer
+
+    real_step = trainer.optimisation_step
+
+    def poisoned(session, batches, step, momentum, stages=None):
+        if 3 <= step < 9:                       # six bad batches in a row
+            batches = [dict(b, view1=torch.full_like(b["view1"], float("nan")))
+                       for b in batches]
+        return real_step(session, batches, step, momentum, stages)
+
+    monkeypatch.setattr(trainer, "optimisation_step", poisoned)
+    args = ["--steps", "12", "--batch-size", "4", "--workers", "0", "--log-every", "4",
+            "--no-fused", "--device", "cpu", "--max-bad-steps", "5"]
+    assert main([*args, "--out", str(tmp_path / "stop")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "5 steps in a row had a non-finite loss or gradient (up to step 8)" in err[0]
+    assert main([*args, "--out", str(tmp_path / "go"), "--on-bad-steps", "continue"]) == 0
+    log = records(tmp_path / "go")
+    assert [r["skipped_steps"] for r in log] == [1, 5, 6]
+    # the logged loss is the mean over the interval's good steps: none in steps 5-8
+    assert [r["loss"] == r["loss"] for r in log] == [True, False, True]
+    assert load_latest(tmp_path / "go").state["step"] == 12

@@ -58,6 +58,9 @@ class StepContext:
     world_size: int = 1
     seed: int = 0
     mark: Callable[[str], None] = field(default=lambda stage: None)
+    # after the micro-batches: a 0-d bool tensor on the device, False when the step's loss or
+    # gradients were not finite (the step is then skipped: no queue, EMA or parameter change)
+    ok: torch.Tensor | None = None
 
     def backend(self, op: str) -> str:
         """The kernel backend of `op` for this run (engine/fused.py sets every op it knows)."""
@@ -87,6 +90,8 @@ class Method(nn.Module):
         self.cfg = cfg
         self.hyper = self.hyperparameters(cfg)
         self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        # set by the trainer after each step (a device bool); None: no step skipped so far
+        self.last_step_ok: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -137,8 +142,13 @@ class Method(nn.Module):
                         target.append(p_dst)
             self._ema_pairs = (online, target)
         online, target = self._ema_pairs
-        if online:
+        if not online:
+            return
+        if self.last_step_ok is None:
             torch._foreach_lerp_(target, online, 1.0 - momentum)
+        else:  # the last step was skipped if not ok: then so is this EMA (weight 0, on the device)
+            weight = torch.where(self.last_step_ok, torch.tensor(1.0 - momentum), torch.tensor(0.0))
+            torch._foreach_lerp_(target, online, [weight.to(target[0].device)] * len(target))
 
     def prepare(self, batches: list[dict], ctx: StepContext) -> Any:
         return None

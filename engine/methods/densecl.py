@@ -149,8 +149,8 @@ class DenseCL(Method):
         if self._step_keys:
             keys = torch.cat([k for k, _ in self._step_keys])
             pooled_dense = torch.cat([k2 for _, k2 in self._step_keys])
-            self.queue.enqueue(gather_keys(keys, ctx.world_size))
-            self.queue_dense.enqueue(gather_keys(pooled_dense, ctx.world_size))
+            self.queue.enqueue(gather_keys(keys, ctx.world_size), ctx.ok)
+            self.queue_dense.enqueue(gather_keys(pooled_dense, ctx.world_size), ctx.ok)
         self._step_keys = []
 
     def flops_per_image(self) -> float:

@@ -100,7 +100,7 @@ class MoCoV2(Method):
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
         if self._step_keys:
-            self.queue.enqueue(gather_keys(torch.cat(self._step_keys), ctx.world_size))
+            self.queue.enqueue(gather_keys(torch.cat(self._step_keys), ctx.world_size), ctx.ok)
         self._step_keys = []
 
     def flops_per_image(self) -> float:

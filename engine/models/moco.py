@@ -38,9 +38,11 @@ class KeyQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
+    def enqueue(self, keys: torch.Tensor, ok: torch.Tensor | None = None) -> None:
         """Write `keys` (n, dim) at the pointer (oldest first), wrapping around; when n > length
-        only the last `length` keys are kept (they would overwrite the earlier ones)."""
+        only the last `length` keys are kept (they would overwrite the earlier ones). `ok` (a 0-d
+        bool tensor, from a step that may be skipped): when False nothing changes -- decided on
+        the device, no host sync."""
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"enqueue takes keys of shape (n, {self.dim}), got "
                              f"{tuple(keys.shape)}")
@@ -51,8 +53,13 @@ class KeyQueue(nn.Module):
         keys = keys[start:]
         slots = (self.ptr + start + torch.arange(keys.shape[0], device=self.ptr.device)) \
             % self.length
-        self.keys[slots] = keys.detach().to(self.keys.dtype)
-        self.ptr.copy_((self.ptr + n) % self.length)
+        keys = keys.detach().to(self.keys.dtype)
+        if ok is None:
+            self.keys[slots] = keys
+            self.ptr.copy_((self.ptr + n) % self.length)
+        else:
+            self.keys[slots] = torch.where(ok, keys, self.keys[slots])
+            self.ptr.copy_((self.ptr + n * ok.long()) % self.length)
 
     def extra_repr(self) -> str:
         return f"length={self.length}, dim={self.dim}"

@@ -179,6 +179,7 @@ def _distributed_worker(rank, world_size, port, pred, target, result_dir):
         local_pred, local_target = pred.chunk(world_size)[rank], target.chunk(world_size)[rank]
         result = (unigrad_covariance(local_target), unigrad_loss(local_pred, local_target))
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+        torch.distributed.barrier()   # leave together: a rank tearing gloo down early can abort
     finally:
         torch.distributed.destroy_process_group()
 

@@ -357,6 +357,7 @@ def _distributed_worker(rank, world_size, port, pred, target, result_dir):
         result = (unigrad_covariance(local_target, backend="triton"),
                   unigrad_loss(local_pred, local_target, backend="triton"))
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+        torch.distributed.barrier()   # leave together: a rank tearing gloo down early can abort
     finally:
         torch.distributed.destroy_process_group()
 
