@@ -6,8 +6,10 @@ One optimiser step, with `accum` micro-batches:
   2. method.prepare(batches): work over the whole accumulated batch (SIM: every target and one F),
   3. per micro-batch: method(batch) -> loss, backward of loss / accum (DDP all-reduces the
      gradients on the last micro-batch only),
-  4. method.after_step(): enqueue the step's keys (all-gathered over ranks),
-  5. unscale, clip the global grad norm (if the recipe clips), optimiser step, zero grads.
+  4. unscale, clip the global grad norm (if the recipe clips); ok = loss and grad norm finite
+     (a device tensor: a bad step is skipped without a host sync, see _step_unless_bad),
+  5. method.after_step(): enqueue the step's keys (all-gathered over ranks) if ok,
+  6. optimiser step if ok, zero grads.
 Learning rate and EMA momentum are functions of the step, so a resumed run continues exactly.
 """
 from __future__ import annotations
@@ -188,7 +190,7 @@ def optimisation_step(s: StepSession, batches: list[dict], step: int, momentum: 
     `stages` (optional, `stages(name: str) -> None`) is called with a stage's name as each stage
     ends: "ema", whatever the method marks in prepare (SIM: "target_forward", "loss"), per
     micro-batch the method's marks (SIM: "online_forward", "loss") and "backward", then "queue"
-    (after_step) and "optimizer" (unscale, clip, step, zero_grad). bench/ passes an
+    (unscale, clip, the finite check, after_step) and "optimizer" (step, zero_grad). bench/ passes an
     `engine.stage_timer.StageTimer`, which synchronises the device at each mark; the default None
     adds no call and no sync."""
     mark = stages if stages is not None else (lambda stage: None)
