@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=int, default=2, metavar="N",
                         help="numbered checkpoints to keep (the newest N, each checksummed; a "
                              "corrupt newest one falls back to the one before on --resume)")
+    parser.add_argument("--checkpoint-activations", action="store_true",
+                        help="recompute each ViT block in the backward pass instead of keeping "
+                             "its activations (less memory, about one more forward)")
     parser.add_argument("--max-bad-steps", type=int, default=20, metavar="N",
                         help="a step with a non-finite loss or gradient is skipped (weights, EMA, "
                              "queues and BatchNorm statistics unchanged) and counted; after N in "
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RunOptions(out=out, data=args.data, device=args.device, fused=args.fused,
                          compile=args.compile, keep=args.keep,
                          max_bad_steps=args.max_bad_steps, on_bad_steps=args.on_bad_steps,
+                         checkpoint_activations=args.checkpoint_activations,
                          eval_data=parse_eval_data(args.eval_data),
                          resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,
                          resume_overrides={k: v for k, v in overrides.items() if v is not None})

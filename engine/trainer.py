@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine.checkpoint import (CHECKPOINT_NAME, has_checkpoint, load_latest, restore_rng_state,
                                rng_state, save_checkpoint)
+from engine.checkpointing import checkpoint_activations
 from engine.compile import CompiledRegions, compile_regions
 from engine.distributed import (ProcessGroupInfo, control_group, init_from_environment,
                                 mean_over_ranks, shutdown)
@@ -66,6 +67,8 @@ class RunOptions:
     keep: int = 2
     # Steps with a non-finite loss/gradient are skipped; after this many in a row (seen at the
     # next log step) the run stops ("stop") or says so and goes on ("continue").
+    # --checkpoint-activations: recompute the ViT blocks in backward (engine/checkpointing.py)
+    checkpoint_activations: bool = False
     max_bad_steps: int = 20
     on_bad_steps: str = "stop"
 
@@ -339,6 +342,10 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         restore_rng_state(checkpoint["rng"])
         start_step, position = checkpoint["step"], checkpoint["data_position"]
         log(f"resuming {out} at step {start_step}/{total_steps} from {loaded.path.name}", quiet)
+    if run.checkpoint_activations:
+        wrapped = checkpoint_activations(model)
+        log(f"activation checkpointing: {wrapped} transformer blocks recomputed in backward"
+            + ("" if wrapped else " (none: only LayerNorm ViT blocks are wrapped)"), quiet)
     compiled = compile_model(model, run.compile, device, quiet)
     online = wrap_data_parallel(model, device, group)
     if group.is_main:
@@ -348,6 +355,9 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         + (f"×{group.world_size} ranks" if group.active else "")
         + f", lr {peak_lr:.2e}, device {device}"
         + ("" if amp_dtype is None else f" ({str(amp_dtype).removeprefix('torch.')})"), quiet)
+
+    for warning in model.data_warnings(loader.num_images, global_batch, total_steps):
+        log(f"warning: {warning}", quiet)
 
     # Online kNN monitor (rank 0 only; the folders are checked now, decoded at the first use).
     monitor, eval_interval = None, 0

@@ -489,3 +489,24 @@ def test_too_many_bad_steps_in_a_row_stop_or_continue(tmp_path, monkeypatch, cap
     # the logged loss is the mean over the interval's good steps: none in steps 5-8
     assert [r["loss"] == r["loss"] for r in log] == [True, False, True]
     assert load_latest(tmp_path / "go").state["step"] == 12
+
+
+# -------------------------------------------------------------------------- queues on small data
+def test_a_queue_longer_than_the_dataset_is_a_warning_with_the_fix(tmp_path, capsys):
+    base = ["--method", "mocov2", "--batch-size", "8", "--workers", "0", "--no-fused",
+            "--device", "cpu", "--log-every", "10"]
+    assert main([*base, "--steps", "1", "--out", str(tmp_path / "long")]) == 0
+    text = capsys.readouterr()
+    lines = [line for line in (text.out + text.err).splitlines() if line.startswith("warning:")]
+    assert lines == ["warning: queue: 4096 keys for 47 images: the queue holds each image's own "
+                     "keys among its negatives; use --method-arg queue_length=16"]
+    # the suggested queue, filled within a tenth of the run: no warning
+    assert main([*base, "--steps", "20", "--method-arg", "queue_length=16",
+                 "--out", str(tmp_path / "fits")]) == 0
+    text = capsys.readouterr()
+    assert "warning:" not in text.out + text.err
+    # a queue that stays partly random for much of a short run
+    assert main([*base, "--steps", "5", "--method-arg", "queue_length=40",
+                 "--out", str(tmp_path / "slow")]) == 0
+    text = capsys.readouterr()
+    assert "the first 5 of 5 steps still see random initial keys" in text.out + text.err

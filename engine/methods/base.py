@@ -169,8 +169,32 @@ class Method(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return f"{self.name}: {trainable / 1e6:.2f}M trainable params"
 
+    def data_warnings(self, num_images: int, global_batch: int, total_steps: int) -> list[str]:
+        """What this method's state makes of the data at hand (one line each, logged at the start):
+        a key queue longer than the dataset holds several keys of every image -- each image's own
+        among its negatives -- and a queue that needs a large part of the run to replace its
+        random initial keys trains against noise meanwhile (the loss can rise on small data,
+        mmpretrain#1541). MoCo/DenseCL's papers size the queue well below ImageNet's 1.28 M."""
+        from engine.models.moco import KeyQueue
+
+        lines = []
+        for name, queue in ((n, m) for n, m in self.named_modules() if isinstance(m, KeyQueue)):
+            fill_steps = -(-queue.length // max(1, global_batch))
+            # at most half the images, a whole number of global batches
+            suggestion = max(global_batch, num_images // 2 // max(1, global_batch) * global_batch)
+            if queue.length > num_images:
+                lines.append(f"{name}: {queue.length} keys for {num_images} images: the queue holds "
+                             f"each image's own keys among its negatives; use --method-arg "
+                             f"queue_length={suggestion}")
+            elif fill_steps > total_steps // 10:
+                lines.append(f"{name}: the first {fill_steps} of {total_steps} steps still see "
+                             f"random initial keys in the queue; a shorter queue "
+                             f"(--method-arg queue_length={suggestion}) or a longer run fixes it")
+        return lines
+
     def _apply(self, fn, *args, **kwargs):  # moving the module invalidates the cached EMA pairs
         self._ema_pairs = None
+        self.__dict__.pop("_norm_statistics_cache", None)
         return super()._apply(fn, *args, **kwargs)
 
 
