@@ -45,6 +45,7 @@ data_wait_fraction; ceilings (from conftest).
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -98,6 +99,33 @@ def make_loader(cfg, device: torch.device) -> tuple[TwoViewLoader, dict]:
                            seed=cfg.seed, pin_memory=device.type == "cuda")
     return loader, {"loader": "torch (pipelines.torch_loader.TwoViewLoader, Pillow workers)",
                     "data": source, "workers": workers}
+
+
+def device_batch(cfg, device: torch.device) -> tuple[dict, dict]:
+    """One loader batch with its views on `device` (the model step alone, no loader wait)."""
+    loader, data_info = make_loader(cfg, device)
+    stream = loader.stream()
+    batch = next(stream)
+    stream.close()                # no idle workers prefetching beside the timed steps
+    return ({k: v.to(device) if k in ("view1", "view2") else v for k, v in batch.items()},
+            data_info)
+
+
+def device_batch_step(session, batch: dict, momentum: float, sync, cuda_graphs: bool = False):
+    """run(stages=None) -> loss: one optimisation step on `batch`, synchronised at its end."""
+    step = [0]
+
+    def run(stages=None):
+        if stages is not None:
+            stages.start()
+        if cuda_graphs:           # the last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, _, _ = optimisation_step(session, [batch], step[0], momentum, stages=stages)
+        step[0] += 1
+        sync()
+        return loss
+
+    return run
 
 
 def step_config():
@@ -271,20 +299,8 @@ def test_method_train_step(benchmark, bench_device, sync, device_ceilings, metho
                     "interpreter a step would time the interpreter)")
     cfg = method_config(method)
     session, kernels = bench_session(cfg, bench_device, variant)
-    loader, data_info = make_loader(cfg, bench_device)
-    stream = loader.stream()
-    batch = next(stream)
-    stream.close()
-    batch = {k: v.to(bench_device) if k in ("view1", "view2") else v for k, v in batch.items()}
-    step = [0]
-
-    def run(stages=None):
-        if stages is not None:
-            stages.start()
-        loss, _, _ = optimisation_step(session, [batch], step[0], cfg.momentum, stages=stages)
-        step[0] += 1
-        sync()
-        return loss
+    batch, data_info = device_batch(cfg, bench_device)
+    run = device_batch_step(session, batch, cfg.momentum, sync)
 
     disabled = getattr(benchmark, "disabled", False)
     timer = StageTimer(bench_device)
@@ -332,24 +348,9 @@ def test_compiled_step(benchmark, bench_device, sync, device_ceilings, variant):
     session, kernels = bench_session(cfg, bench_device, kernel_variant)
     graphs_before = CompiledRegions.graphs()
     regions = compile_regions(session.method, mode) if mode else None
-    loader, data_info = make_loader(cfg, bench_device)
-    stream = loader.stream()
-    batch = next(stream)
-    stream.close()
-    batch = {k: v.to(bench_device) if k in ("view1", "view2") else v for k, v in batch.items()}
-    step = [0]
-
-    def run(stages=None):
-        if stages is not None:
-            stages.start()
-        if mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        loss, _, _ = optimisation_step(session, [batch], step[0], 0.996, stages=stages)
-        step[0] += 1
-        sync()
-        return loss
-
-    import time
+    batch, data_info = device_batch(cfg, bench_device)
+    run = device_batch_step(session, batch, 0.996, sync,
+                            cuda_graphs=mode == "reduce-overhead")
     started = time.perf_counter()
     run()                                                # compiles (or the eager first step)
     cold = time.perf_counter() - started

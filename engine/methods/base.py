@@ -147,8 +147,8 @@ class Method(nn.Module):
         if self.last_step_ok is None:
             torch._foreach_lerp_(target, online, 1.0 - momentum)
         else:  # the last step was skipped if not ok: then so is this EMA (weight 0, on the device)
-            weight = torch.where(self.last_step_ok, torch.tensor(1.0 - momentum), torch.tensor(0.0))
-            torch._foreach_lerp_(target, online, [weight.to(target[0].device)] * len(target))
+            weight = torch.where(self.last_step_ok, 1.0 - momentum, 0.0)   # made on the device
+            torch._foreach_lerp_(target, online, [weight] * len(target))
 
     def prepare(self, batches: list[dict], ctx: StepContext) -> Any:
         return None
