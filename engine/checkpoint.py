@@ -166,11 +166,14 @@ class Loaded:
     skipped: list[str] = field(default_factory=list)   # "name: why", newest first
 
 
-def load_latest(out_dir: Path, map_location="cpu") -> Loaded:
-    """The newest intact checkpoint of the run in `out_dir` (see the module docstring)."""
+def load_latest(out_dir: Path, map_location="cpu", at_most: int | None = None) -> Loaded:
+    """The newest intact checkpoint of the run in `out_dir` (see the module docstring); with
+    `at_most`, the newest intact one of a step <= at_most (the trainer's restore policy)."""
     out_dir = Path(out_dir)
     skipped = []
-    for _, path in numbered_checkpoints(out_dir):
+    for step, path in numbered_checkpoints(out_dir):
+        if at_most is not None and step > at_most:
+            continue
         problem = _verify(path)
         if problem is None:
             try:
@@ -179,6 +182,9 @@ def load_latest(out_dir: Path, map_location="cpu") -> Loaded:
                 problem = f"torch cannot read it ({type(exc).__name__})"
         skipped.append(f"{path.name}: {problem}")
     legacy = out_dir / CHECKPOINT_NAME
+    if at_most is not None:
+        raise CheckpointError(f"no intact checkpoint of step <= {at_most} in {out_dir}"
+                              + ("" if not skipped else ": " + "; ".join(skipped)))
     if not skipped and legacy.is_file():     # a run from before numbered checkpoints
         try:
             return Loaded(_read(legacy, map_location), legacy, skipped)

@@ -17,6 +17,7 @@ It runs as `_foreach` ops with the trust ratios computed on the device (no host 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from engine.presets import ConfigError, PretrainConfig
 
@@ -109,7 +110,11 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.O
     if cfg.optimizer == "sgd":
         for g in groups:
             g.pop("lars_exclude")
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum, fused=True)
+        # DTensor (--fsdp) has no fused SGD: the foreach one, whose skip of a non-finite step
+        # reads `ok` on the host (engine.trainer._step_unless_bad)
+        sharded = any(isinstance(p, DTensor) for g in groups for p in g["params"])
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum,
+                               fused=not sharded, foreach=sharded or None)
     if cfg.optimizer == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.sgd_momentum,
                     weight_decay=cfg.weight_decay, trust_coefficient=cfg.lars_trust)

@@ -118,13 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-activations", action="store_true",
                         help="recompute each ViT block in the backward pass instead of keeping "
                              "its activations (less memory, about one more forward)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard parameters, gradients and optimiser state "
+                             "over the ranks (PyTorch FSDP2, one unit per block) instead of "
+                             "replicating them (DDP); for ViT-L/H")
     parser.add_argument("--max-bad-steps", type=int, default=20, metavar="N",
                         help="a step with a non-finite loss or gradient is skipped (weights, EMA, "
                              "queues and BatchNorm statistics unchanged) and counted; after N in "
                              "a row the run does what --on-bad-steps says")
-    parser.add_argument("--on-bad-steps", choices=["stop", "continue"], default="stop",
+    parser.add_argument("--on-bad-steps", choices=["stop", "continue", "restore"],
+                        default="stop",
                         help="stop: end with a one-line error (the checkpoint holds the last good "
-                             "state); continue: say so and go on with the next batches")
+                             "state); continue: say so and go on with the next batches; restore: "
+                             "go back to the newest checkpoint from before the streak and go on "
+                             "with the data stream where it is (the bad batches are not seen "
+                             "again; at most 3 times)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop after N steps in this invocation (continue with --resume), "
                              "e.g. to fit a job time limit")
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RunOptions(out=out, data=args.data, device=args.device, fused=args.fused,
                          compile=args.compile, keep=args.keep,
                          max_bad_steps=args.max_bad_steps, on_bad_steps=args.on_bad_steps,
-                         checkpoint_activations=args.checkpoint_activations,
+                         checkpoint_activations=args.checkpoint_activations, fsdp=args.fsdp,
                          eval_data=parse_eval_data(args.eval_data),
                          resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,
                          resume_overrides={k: v for k, v in overrides.items() if v is not None})

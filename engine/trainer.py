@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.checkpoint import (CHECKPOINT_NAME, has_checkpoint, load_latest, restore_rng_state,
+from engine.checkpoint import (CHECKPOINT_NAME, CheckpointError, has_checkpoint, load_latest, restore_rng_state,
                                rng_state, save_checkpoint)
 from engine.checkpointing import checkpoint_activations
 from engine.compile import CompiledRegions, compile_regions
@@ -41,6 +43,8 @@ from engine.optim import LARS, make_optimizer
 from engine.preemption import StopRequest
 from engine.presets import PretrainConfig
 from engine.schedules import ema_momentum, learning_rate
+from engine.sharding import (gradient_sync, is_sharded, load_training_state, shard_model,
+                             training_state)
 from pipelines.datasets import DataError
 
 
@@ -65,12 +69,19 @@ class RunOptions:
     compile: str | None = None
     # --keep N: numbered checkpoints kept (the newest N; a corrupt newest one falls back).
     keep: int = 2
-    # Steps with a non-finite loss/gradient are skipped; after this many in a row (seen at the
-    # next log step) the run stops ("stop") or says so and goes on ("continue").
     # --checkpoint-activations: recompute the ViT blocks in backward (engine/checkpointing.py)
     checkpoint_activations: bool = False
+    # --fsdp: shard parameters, gradients and optimiser state over the ranks (engine/sharding.py)
+    fsdp: bool = False
+    # Steps with a non-finite loss/gradient are skipped; after this many in a row (seen at the
+    # next log step) the run stops ("stop"), says so and goes on ("continue"), or goes back to
+    # the newest checkpoint from before the streak with the data stream left where it is
+    # ("restore", at most MAX_RESTORES times per invocation).
     max_bad_steps: int = 20
     on_bad_steps: str = "stop"
+
+
+MAX_RESTORES = 3
 
 
 def log(message: str, quiet: bool = False) -> None:
@@ -139,8 +150,9 @@ def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device,
 
 
 def wrap_data_parallel(model: Method, device: torch.device, group: ProcessGroupInfo):
-    """The module the micro-batch losses go through: DDP over ranks, else the method itself."""
-    if not group.active:
+    """The module the micro-batch losses go through: DDP over ranks, else the method itself (also
+    when it is sharded with --fsdp: FSDP is applied to the method in place)."""
+    if not group.active or is_sharded(model):
         return model
     # broadcast_buffers=False keeps BatchNorm statistics rank-local between steps, but it also
     # skips DDP's start-of-run sync of the buffers: start every rank from rank 0's, or each rank
@@ -205,6 +217,8 @@ def optimisation_step(s: StepSession, batches: list[dict], step: int, momentum: 
     mark("ema")
     norm_buffers = _norm_statistics(method)
     saved_statistics = torch._foreach_mul(norm_buffers, 1) if norm_buffers else []
+    if isinstance(method, FSDPModule):  # prepare runs branches outside the root's forward
+        method.unshard()
     with s.autocast():
         prepared = method.prepare(batches, ctx)
 
@@ -213,7 +227,7 @@ def optimisation_step(s: StepSession, batches: list[dict], step: int, momentum: 
     for micro, batch in enumerate(batches):
         ctx.micro = micro
         last_micro = micro == accum - 1
-        with contextlib.nullcontext() if last_micro or not s.group.active else s.online.no_sync():
+        with gradient_sync(s.online, last_micro or not s.group.active):
             with s.autocast():
                 loss, terms = s.online(batch, ctx, prepared)
             loss = loss / accum
@@ -227,6 +241,8 @@ def optimisation_step(s: StepSession, batches: list[dict], step: int, momentum: 
     trainable = [p for group in s.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(
         trainable, s.cfg.clip_grad if s.cfg.clip_grad > 0 else float("inf"), foreach=True)
+    if isinstance(grad_norm, DTensor):     # FSDP2: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     # A non-finite loss or gradient skips the whole step -- queues, optimiser, the next EMA --
     # decided on the device (no host sync): the optimiser's found_inf, torch.where elsewhere.
     # grad_norm is over the all-reduced gradients, so every rank decides the same.
@@ -332,20 +348,32 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     if group.active and device.type == "cuda" and model.sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    start_step, position = 0, {"epoch": 0, "batch": 0}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"])
-        start_step, position = checkpoint["step"], checkpoint["data_position"]
-        log(f"resuming {out} at step {start_step}/{total_steps} from {loaded.path.name}", quiet)
     if run.checkpoint_activations:
         wrapped = checkpoint_activations(model)
         log(f"activation checkpointing: {wrapped} transformer blocks recomputed in backward"
             + ("" if wrapped else " (none: only LayerNorm ViT blocks are wrapped)"), quiet)
+    if run.fsdp:
+        if run.compile or run.eval_data:
+            raise RunError("--fsdp does not combine with --compile or the kNN monitor yet: drop "
+                           "one (evaluate the checkpoint with python -m engine.eval)")
+        try:
+            units = shard_model(model)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        log(f"FSDP2: {units} blocks and the rest of the model sharded over "
+            f"{group.world_size} ranks", quiet)
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    start_step, position = 0, {"epoch": 0, "batch": 0}
+    if checkpoint is not None:
+        try:
+            load_training_state(model, optimizer, checkpoint)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+        start_step, position = checkpoint["step"], checkpoint["data_position"]
+        log(f"resuming {out} at step {start_step}/{total_steps} from {loaded.path.name}", quiet)
     compiled = compile_model(model, run.compile, device, quiet)
     online = wrap_data_parallel(model, device, group)
     if group.is_main:
@@ -385,6 +413,8 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     skipped_steps = 0       # steps skipped for a non-finite loss or gradient, and the longest run
     bad_streak = torch.zeros((), device=device)
     worst_streak = torch.zeros((), device=device)
+    worst_start = torch.zeros((), device=device)   # the first step of the longest streak
+    restores = 0
     last_step = start_step
     final_stop = min(total_steps, start_step + run.stop_after if run.stop_after else total_steps)
 
@@ -408,7 +438,8 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         last_eval = evaluate_now(0)  # the random-init baseline, first point of the kNN curve
     model.train()
     stop = StopRequest(control_group(), group.active)   # SIGTERM/SIGINT: finish the step, save
-    for step in range(start_step, final_stop):
+    step = start_step
+    while step < final_stop:
         step_started = time.perf_counter()
         lr = learning_rate(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
         momentum = momentum_at(cfg, step, total_steps)
@@ -439,6 +470,7 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         for name, value in figures.items():
             interval_figures.setdefault(name, []).append(value)
         bad_streak = (bad_streak + 1) * figures["skipped"]        # on the device
+        worst_start = torch.where(bad_streak > worst_streak, step + 1 - bad_streak, worst_start)
         worst_streak = torch.maximum(worst_streak, bad_streak)
         interval_images += global_batch
         interval_time += time.perf_counter() - step_started
@@ -447,14 +479,33 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
             good = 1.0 - torch.stack(interval_figures.pop("skipped"))
             skipped_now = round(float(len(good) - good.sum()))
             skipped_steps += skipped_now
-            worst, worst_streak = int(worst_streak), bad_streak.clone()
+            worst, streak_from = int(worst_streak), int(worst_start)
+            worst_streak, worst_start = bad_streak.clone(), step + 1 - bad_streak
             if worst >= run.max_bad_steps:
-                message = (f"{worst} steps in a row had a non-finite loss or gradient (up to step "
-                           f"{last_step}); each was skipped, so the weights, EMA, queues and "
-                           f"BatchNorm statistics are those of the last good step")
+                message = (f"{worst} steps in a row had a non-finite loss or gradient (steps "
+                           f"{streak_from + 1}-{streak_from + worst}); each was skipped, so the "
+                           f"weights, EMA, queues and BatchNorm statistics are those of the last "
+                           f"good step")
                 if run.on_bad_steps == "stop":
                     raise RunError(message + f"; the last checkpoint in {out} is intact: lower "
                                    f"--blr, use --precision fp32, or check the data")
+                if run.on_bad_steps == "restore":
+                    restores += 1
+                    step = _restore_before(out, streak_from, model, optimizer, scaler, restores,
+                                           message)
+                    log(f"{message}; restored the checkpoint of step {step} (restore "
+                        f"{restores}/{MAX_RESTORES}); the data stream goes on from batch "
+                        f"{position['batch']} of epoch {position['epoch']}, so the batches since "
+                        f"are not seen again", quiet)
+                    if group.is_main:
+                        metrics.truncate_after(step)
+                    bad_streak.zero_(), worst_streak.zero_(), worst_start.zero_()
+                    interval_loss, interval_images, interval_time, interval_wait = [], 0, 0.0, 0.0
+                    interval_figures = {}
+                    last_step = step
+                    if stop.should_stop():
+                        break
+                    continue
                 log(message + "; continuing (--on-bad-steps continue)", quiet)
             mean_loss = mean_over_ranks(_mean_of_good(interval_loss, good), group).item()
             record = {"step": last_step, "epoch": round(last_step / steps_per_epoch, 4),
@@ -478,18 +529,20 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         if monitor and (last_step == final_stop or periodic):
             # Outside the timed interval: the next step's clock starts after this.
             last_eval = evaluate_now(last_step)
-        if last_step % cfg.checkpoint_every == 0 and last_step < final_stop and group.is_main:
-            _save(out, model, optimizer, scaler, cfg, last_step, position, schedule, run.keep)
+        if last_step % cfg.checkpoint_every == 0 and last_step < final_stop:
+            _save(out, model, optimizer, scaler, cfg, last_step, position, schedule, run.keep,
+                  group)
 
         if stop.should_stop():
             break
+        step += 1
     stop.restore()
 
     if progress:
         progress.close()
     curve = None
+    _save(out, model, optimizer, scaler, cfg, last_step, position, schedule, run.keep, group)
     if group.is_main:
-        _save(out, model, optimizer, scaler, cfg, last_step, position, schedule, run.keep)
         curve = plot_loss_curve(metrics.read(), out / "loss_curve.png",
                                 title=f"{model.name} pre-training loss ({cfg.preset})")
     if stop.signal is not None:
@@ -504,11 +557,35 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
             "skipped_files": sorted(skipped), "kernels": kernels_used.backend}
 
 
-def _save(out, model, optimizer, scaler, cfg, step, position, schedule, keep: int = 2) -> None:
-    """Everything a resume needs. The lr and momentum are functions of the step; `schedule`
-    records their parameters (total/warm-up steps, peak lr) so a reader can recompute them."""
-    save_checkpoint(out, {"method": cfg.method, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(),
+def _restore_before(out: Path, streak_from: int, model: Method, optimizer, scaler,
+                    restores: int, message: str) -> int:
+    """--on-bad-steps restore: load the newest intact checkpoint of a step <= `streak_from` (the
+    state before the bad streak began) into the model, optimiser and scaler; returns its step.
+    Every rank reads it (as --resume does); the RNG and data stream are not rewound."""
+    if restores > MAX_RESTORES:
+        raise RunError(f"{message}; already restored {MAX_RESTORES} times in this run: lower "
+                       f"--blr, use --precision fp32, or check the data")
+    try:
+        loaded = load_latest(out, at_most=streak_from)
+    except CheckpointError as exc:
+        raise RunError(f"{message}; nothing to restore ({exc}): save more often with "
+                       f"--checkpoint-every, or use --on-bad-steps continue") from None
+    load_training_state(model, optimizer, loaded.state)
+    scaler.load_state_dict(loaded.state["scaler"])
+    model.last_step_ok = None          # the checkpoint's step was a good one
+    return int(loaded.state["step"])
+
+
+def _save(out, model, optimizer, scaler, cfg, step, position, schedule, keep: int = 2,
+          group: ProcessGroupInfo = ProcessGroupInfo()) -> None:
+    """Everything a resume needs, written by rank 0 (every rank calls this: a sharded model is
+    gathered first). The lr and momentum are functions of the step; `schedule` records their
+    parameters (total/warm-up steps, peak lr) so a reader can recompute them."""
+    model_state, optimizer_state = training_state(model, optimizer)
+    if not group.is_main:
+        return
+    save_checkpoint(out, {"method": cfg.method, "model": model_state,
+                          "optimizer": optimizer_state,
                           "scaler": scaler.state_dict(), "config": cfg.to_dict(), "step": step,
                           "schedule": schedule, "data_position": position, "rng": rng_state(),
                           "versions": {"torch": torch.__version__}}, keep=keep)

@@ -482,13 +482,53 @@ def test_too_many_bad_steps_in_a_row_stop_or_continue(tmp_path, monkeypatch, cap
             "--no-fused", "--device", "cpu", "--max-bad-steps", "5"]
     assert main([*args, "--out", str(tmp_path / "stop")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "5 steps in a row had a non-finite loss or gradient (up to step 8)" in err[0]
+    assert len(err) == 1 and "5 steps in a row had a non-finite loss or gradient (steps 4-8)" in err[0]
     assert main([*args, "--out", str(tmp_path / "go"), "--on-bad-steps", "continue"]) == 0
     log = records(tmp_path / "go")
     assert [r["skipped_steps"] for r in log] == [1, 5, 6]
     # the logged loss is the mean over the interval's good steps: none in steps 5-8
     assert [r["loss"] == r["loss"] for r in log] == [True, False, True]
     assert load_latest(tmp_path / "go").state["step"] == 12
+
+
+def test_bad_steps_restore_the_checkpoint_before_the_streak(tmp_path, monkeypatch, capsys):
+    """--on-bad-steps restore: back to the newest checkpoint from before the streak, the data
+    stream left where it is (the poisoned batches are not seen again), the run completes."""
+    import engine.trainer as trainer
+
+    real_step = trainer.optimisation_step
+    seen: list[tuple[int, int]] = []
+
+    def poisoned(session, batches, step, momentum, stages=None):
+        seen.append((step, batches[0]["batch_index"]))
+        if 5 <= batches[0]["batch_index"] < 9 and batches[0]["epoch"] == 0:   # the data is bad
+            batches = [dict(b, view1=torch.full_like(b["view1"], float("nan")))
+                       for b in batches]
+        return real_step(session, batches, step, momentum, stages)
+
+    monkeypatch.setattr(trainer, "optimisation_step", poisoned)
+    out = tmp_path / "restore"
+    args = ["--steps", "12", "--batch-size", "4", "--workers", "0", "--log-every", "4",
+            "--checkpoint-every", "2", "--keep", "4", "--no-fused", "--device", "cpu",
+            "--max-bad-steps", "3", "--on-bad-steps", "restore", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    # bad steps 6-8 (batches 5-7) are seen at the step-8 log: checkpoint 4 (<= step 5) comes back
+    assert ("3 steps in a row had a non-finite loss or gradient (steps 6-8)" in text
+            and "restored the checkpoint of step 4 (restore 1/3)" in text), text
+    steps = [step for step, _ in seen]
+    assert steps[:8] == list(range(8)) and steps[8:] == list(range(4, 12))
+    assert [batch for _, batch in seen][8] == 8     # the stream went on (batch 8 is bad too)
+    log = records(out)
+    assert [r["step"] for r in log] == [4, 8, 12]   # the undone interval was dropped
+    assert load_latest(out).state["step"] == 12
+    final = load_latest(out).state["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    # nothing to go back to: a one-line error that says what to do
+    seen.clear()
+    assert main([*args[:-1], str(tmp_path / "none"), "--checkpoint-every", "100"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "nothing to restore" in err[0] and "--checkpoint-every" in err[0]
 
 
 # -------------------------------------------------------------------------- queues on small data

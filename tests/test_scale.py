@@ -7,8 +7,11 @@ steps with the same parameters, EMA target and queue (within 1e-5; measured 3.3e
 same losses (within 1e-5 relative). The ViT has no BatchNorm, so nothing depends on how the global
 batch is split. SIM's projector and predictor use BatchNorm, which is only synchronised across
 ranks on CUDA (torch's SyncBatchNorm has no CPU implementation), so its 2-rank CPU run is not the
-single-process run and is not compared here; its global F is checked by
-tests/kernels/test_unigrad_loss.py::test_covariance_is_averaged_over_ranks.
+single-process run; its global F is checked by
+tests/kernels/test_unigrad_loss.py::test_covariance_is_averaged_over_ranks, and SIM sharded with
+FSDP2 (--fsdp, stopped and resumed) is compared with SIM under DDP on the same two ranks, where
+BatchNorm is rank-local in both. MoCo v2 with --fsdp is compared with one process as above.
+Activation checkpointing is checked for bit-identical gradients.
 """
 from __future__ import annotations
 
@@ -34,20 +37,55 @@ def run(args: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_ranks_with_half_the_batch_equal_one_process(tmp_path):
-    run([*COMMON, "--batch-size", "8", "--out", str(tmp_path / "one")], tmp_path)
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *COMMON,
-         "--batch-size", "4", "--out", str(tmp_path / "two")], tmp_path)
-    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
-    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
-    assert one["model"].keys() == two["model"].keys()
-    for name, value in one["model"].items():      # online, target, heads, queue and pointer
-        torch.testing.assert_close(two["model"][name], value, rtol=0, atol=1e-5, msg=name)
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run_name / "metrics.jsonl")
-               .read_text().splitlines()] for run_name in ("one", "two")]
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def same_state(left: Path, right: Path) -> None:
+    first = torch.load(left / "checkpoint.pt", weights_only=False)
+    second = torch.load(right / "checkpoint.pt", weights_only=False)
+    assert first["model"].keys() == second["model"].keys()
+    for name, value in first["model"].items():     # online, target, heads, queue and pointer
+        torch.testing.assert_close(second["model"][name], value, rtol=0, atol=1e-5, msg=name)
+    losses = [[json.loads(line)["loss"] for line in (folder / "metrics.jsonl")
+               .read_text().splitlines()] for folder in (left, right)]
     assert len(losses[0]) == 4
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5,
                                atol=0)
+
+
+def test_two_ranks_with_half_the_batch_equal_one_process(tmp_path):
+    """DDP and FSDP2 (--fsdp) on two ranks both end where one process with the whole batch does;
+    the sharded run's checkpoint holds the full state under the usual names."""
+    run([*COMMON, "--batch-size", "8", "--out", str(tmp_path / "one")], tmp_path)
+    run([*TORCHRUN, *COMMON, "--batch-size", "4", "--out", str(tmp_path / "two")], tmp_path)
+    run([*TORCHRUN, *COMMON, "--batch-size", "4", "--fsdp", "--out", str(tmp_path / "sharded")],
+        tmp_path)
+    same_state(tmp_path / "one", tmp_path / "two")
+    same_state(tmp_path / "one", tmp_path / "sharded")
+
+
+def test_fsdp_sim_equals_ddp_and_resumes(tmp_path):
+    """SIM (global F, EMA target built in prepare, BatchNorm projector/predictor) sharded with
+    FSDP2 computes what DDP does on the same two ranks -- BatchNorm is rank-local in both on a CPU
+    -- and a sharded run stopped after 2 steps and resumed with --fsdp ends at the same state."""
+    sim = ["-m", "engine.pretrain", "--device", "cpu", "--no-fused", "--steps", "4",
+           "--workers", "0", "--log-every", "1", "--batch-size", "4"]
+    run([*TORCHRUN, *sim, "--out", str(tmp_path / "ddp")], tmp_path)
+    run([*TORCHRUN, *sim, "--fsdp", "--stop-after", "2", "--out", str(tmp_path / "fsdp")],
+        tmp_path)
+    run([*TORCHRUN, *sim, "--fsdp", "--resume", "--out", str(tmp_path / "fsdp")], tmp_path)
+    same_state(tmp_path / "ddp", tmp_path / "fsdp")
+
+
+def test_fsdp_needs_torchrun(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, *COMMON, "--batch-size", "8", "--fsdp", "--out",
+                           str(tmp_path / "alone")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --fsdp shards over torchrun ranks: launch with torchrun "
+                      "--nproc_per_node N (N >= 2)"]
 
 
 def test_activation_checkpointing_keeps_the_gradients_and_saves_less():
