@@ -44,6 +44,7 @@ from .relpos_embed import (
     relpos_query_embed,
     relpos_query_embed_reference,
 )
+from .sinkhorn import sinkhorn, sinkhorn_reference
 from .unigrad_loss import (
     unigrad_covariance,
     unigrad_loss,
@@ -71,6 +72,8 @@ __all__ = [
     "relpos_embed_reference",
     "relpos_query_embed",
     "relpos_query_embed_reference",
+    "sinkhorn",
+    "sinkhorn_reference",
     "token_gather",
     "token_gather_reference",
     "unigrad_covariance",

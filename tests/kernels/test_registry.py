@@ -21,6 +21,7 @@ PUBLIC_OPS = {
     "pixpro_loss": {"pixpro_loss"},
     "queue_infonce": {"queue_infonce"},
     "pixel_propagation": {"pixel_propagation"},
+    "sinkhorn": {"sinkhorn"},
 }
 # helpers that are not ops: references (plain autograd, by design) and geometry/table builders
 NOT_OPS = {"absolute_sincos_table", "relpos_coordinates", "grid_sample_coordinates",
@@ -67,6 +68,7 @@ def calls():
                                                        0.2),
         "pixel_propagation": lambda: kernels.pixel_propagation(torch.randn(1, 4, dim),
                                                                torch.randn(1, 4, dim)),
+        "sinkhorn": lambda: kernels.sinkhorn(torch.randn(6, 10)),
     }
 
 
