@@ -140,3 +140,41 @@ def patch_centres_in_source(box, flip, grid):
     source_rows, source_cols = view_to_source(box_tensor, flip, rows.to(box_tensor.device),
                                               cols.to(box_tensor.device), view_size)
     return torch.stack([source_rows, source_cols], dim=-1)
+
+
+def boxes_in_view(boxes, box, flip, view_size):
+    """Boxes of the ORIGINAL image mapped into a view's pixel frame (region proposals carried into
+    every view: CCOP, DetReg).
+
+    boxes: (..., P, 4) float (x1, y1, x2, y2) in edge coordinates of the original, unflipped image
+    (pixel k spans [k, k+1]; selective search's (x, y, w, h) is (x, y, x+w, y+h)). box: (..., 4)
+    the view's crop (y, x, h, w); flip: (...) bool; view_size: S (square) or (S_h, S_w).
+    Under the convention above, edge coordinate u of the source maps to (u - x)·S_w/w in the view
+    (and S_w - that when flipped, which also swaps x1 and x2).
+
+    Returns (mapped, visible): mapped (..., P, 4) float32 (x1, y1, x2, y2) in view pixels, CLIPPED
+    to [0, S]; visible (..., P) float32, the fraction of the box's area inside the view (0 for a box
+    entirely outside, or of zero area). A method keeps the boxes it wants, e.g. CCOP: area >= 144
+    view pixels and visible >= 0.6.
+    """
+    boxes = _as_tensor(boxes, "boxes").to(torch.float64)
+    box = _as_tensor(box, "box", boxes.device).to(torch.float64)
+    flip = _as_tensor(flip, "flip", boxes.device).to(torch.bool)
+    if boxes.shape[-1:] != (4,) or box.shape[-1:] != (4,):
+        raise ValueError(f"boxes (..., P, 4) and box (..., 4) expected, got {tuple(boxes.shape)} "
+                         f"and {tuple(box.shape)}")
+    size_h, size_w = (view_size, view_size) if isinstance(view_size, int) else view_size
+    y, x, h, w = (box[..., k, None] for k in range(4))
+    x1 = (boxes[..., 0] - x) * size_w / w
+    x2 = (boxes[..., 2] - x) * size_w / w
+    y1 = (boxes[..., 1] - y) * size_h / h
+    y2 = (boxes[..., 3] - y) * size_h / h
+    flipped = flip[..., None]
+    x1, x2 = torch.where(flipped, size_w - x2, x1), torch.where(flipped, size_w - x1, x2)
+    full = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    cx1, cx2 = x1.clamp(0, size_w), x2.clamp(0, size_w)
+    cy1, cy2 = y1.clamp(0, size_h), y2.clamp(0, size_h)
+    inside = (cx2 - cx1).clamp(min=0) * (cy2 - cy1).clamp(min=0)
+    visible = torch.where(full > 0, inside / full.clamp(min=1e-12), torch.zeros_like(full))
+    mapped = torch.stack([cx1, cy1, torch.maximum(cx2, cx1), torch.maximum(cy2, cy1)], dim=-1)
+    return mapped.to(torch.float32), visible.to(torch.float32)

@@ -4,9 +4,9 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from kernels import unigrad_covariance, unigrad_loss, unigrad_loss_reference
+from tests.spawn import spawn_ranks
 
 
 def _layernorm64(x):
@@ -187,7 +187,7 @@ def _distributed_worker(rank, world_size, port, pred, target, result_dir):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_covariance_is_averaged_over_ranks(tmp_path):
     pred, target = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
-    mp.spawn(_distributed_worker, args=(2, _free_port(), pred, target, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_distributed_worker, (2, _free_port(), pred, target, str(tmp_path)), 2, tmp_path)
     full_covariance = unigrad_covariance(target)
     for rank in range(2):
         covariance, loss = torch.load(tmp_path / f"rank{rank}.pt")

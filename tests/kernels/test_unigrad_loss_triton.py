@@ -16,9 +16,9 @@ import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from kernels import unigrad_covariance, unigrad_loss, unigrad_loss_reference
+from tests.spawn import spawn_ranks
 
 U = importlib.import_module("kernels.unigrad_loss")  # the module (the package exports the function)
 
@@ -366,8 +366,7 @@ def _distributed_worker(rank, world_size, port, pred, target, result_dir):
                     reason="gloo on CPU tensors under the interpreter (the GPU path shares the code)")
 def test_covariance_is_averaged_over_ranks(tmp_path):
     pred, target = torch.randn(4, 6, 24), torch.randn(4, 6, 24)
-    mp.spawn(_distributed_worker, args=(2, _free_port(), pred, target, str(tmp_path)), nprocs=2,
-             join=True)
+    spawn_ranks(_distributed_worker, (2, _free_port(), pred, target, str(tmp_path)), 2, tmp_path)
     full_covariance = _cov64(target)
     for rank in range(2):
         covariance, loss = torch.load(tmp_path / f"rank{rank}.pt")
