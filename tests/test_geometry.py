@@ -118,3 +118,58 @@ def test_pipelines_geometry_imports_no_model_code():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('engine', 'kernels')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+# ------------------------------------------------------------------ proposals mapped into views
+def test_boxes_in_view_agrees_with_view_to_source():
+    """A box around the source point that view pixel (r, c) samples maps back onto (r, c): the
+    proposal mapping is the inverse of the geometry convention, flips included."""
+    from pipelines.geometry import boxes_in_view, view_to_source
+
+    g = torch.Generator().manual_seed(3)
+    B, P, S = 6, 5, 17
+    H, W = 90, 130
+    h = torch.randint(20, 80, (B,), generator=g).double()
+    w = torch.randint(20, 120, (B,), generator=g).double()
+    y = (torch.rand(B, generator=g, dtype=torch.float64) * (H - h)).floor()
+    x = (torch.rand(B, generator=g, dtype=torch.float64) * (W - w)).floor()
+    box = torch.stack([y, x, h, w], 1)
+    flip = torch.tensor([False, True, False, True, True, False])
+    rows = torch.randint(1, S - 1, (B, P), generator=g).double()
+    cols = torch.randint(1, S - 1, (B, P), generator=g).double()
+    src_r, src_c = view_to_source(box, flip, rows, cols, S)
+    eps = 1e-3   # a tiny box around the sampled point, in edge coordinates (index + 1/2)
+    tiny = torch.stack([src_c + 0.5 - eps, src_r + 0.5 - eps, src_c + 0.5 + eps,
+                        src_r + 0.5 + eps], -1)
+    mapped, visible = boxes_in_view(tiny, box, flip, S)
+    centre_c = (mapped[..., 0] + mapped[..., 2]).double() / 2
+    centre_r = (mapped[..., 1] + mapped[..., 3]).double() / 2
+    torch.testing.assert_close(centre_c, cols + 0.5, rtol=0, atol=1e-4)
+    torch.testing.assert_close(centre_r, rows + 0.5, rtol=0, atol=1e-4)
+    assert bool((visible == 1).all())
+
+
+def test_boxes_in_view_clips_flips_and_reports_the_visible_fraction():
+    from pipelines.geometry import boxes_in_view
+
+    box = torch.tensor([10.0, 20.0, 40.0, 80.0])          # y, x, h, w
+    S = 8
+    boxes = torch.tensor([[20.0, 10.0, 100.0, 50.0],       # exactly the crop
+                          [20.0, 10.0, 60.0, 30.0],        # its top-left quarter
+                          [0.0, 10.0, 60.0, 50.0],         # left 20 px outside: 40 of 60 wide
+                          [200.0, 0.0, 220.0, 5.0],        # entirely outside
+                          [30.0, 20.0, 30.0, 40.0]])       # zero width
+    plain, vis = boxes_in_view(boxes, box, torch.tensor(False), S)
+    flipped, vis_f = boxes_in_view(boxes, box, torch.tensor(True), S)
+    torch.testing.assert_close(plain[0], torch.tensor([0.0, 0, 8, 8]))
+    torch.testing.assert_close(plain[1], torch.tensor([0.0, 0, 4, 4]))
+    torch.testing.assert_close(flipped[1], torch.tensor([4.0, 0, 8, 4]))   # mirrored
+    torch.testing.assert_close(plain[2], torch.tensor([0.0, 0, 4, 8]))
+    torch.testing.assert_close(flipped[2], torch.tensor([4.0, 0, 8, 8]))
+    torch.testing.assert_close(vis, torch.tensor([1.0, 1.0, 40 / 60, 0.0, 0.0]))
+    torch.testing.assert_close(vis_f, vis)
+    assert bool(((plain >= 0) & (plain <= S)).all()) and bool(torch.isfinite(plain).all())
+    # non-square views and batch dimensions broadcast
+    mapped, _ = boxes_in_view(boxes[None, None].expand(2, 3, 5, 4), box.expand(2, 3, 4),
+                              torch.zeros(2, 3, dtype=torch.bool), (4, 16))
+    torch.testing.assert_close(mapped[1, 2, 0], torch.tensor([0.0, 0, 16, 4]))
