@@ -230,19 +230,39 @@ def _validate(op_name, query, positive, queue, temperature):
 # Reference (the definition; the CPU path)
 # ----------------------------------------------------------------------------------------------
 
-def queue_infonce_reference(query, positive, queue, temperature):
+def queue_infonce_reference(query, positive, queue, temperature, *, extra_negative=None,
+                            reduction="mean"):
     """Plain PyTorch definition, as the official ContrastiveHead computes it: the (M, K+1) logits
     cat([l_pos, l_neg]) / tau and cross-entropy with label 0, in fp32 (autocast off). Gradient to
-    query only. Materialises the logits (that is what the Triton path avoids)."""
+    query only. Materialises the logits (that is what the Triton path avoids). With
+    `extra_negative` (M,) the logits are cat([l_pos, extra, l_neg]) / tau (RegionCL's column)."""
     _validate("queue_infonce_reference", query, positive, queue, temperature)
+    _validate_extras("queue_infonce_reference", query, extra_negative, reduction)
     with _fp32_region(query.device):
         q = query.to(torch.float32)
         keys = queue.detach().to(torch.float32)
         l_pos = (q * positive.detach().to(torch.float32)).sum(dim=1, keepdim=True)
         l_neg = q @ keys.t()
-        logits = torch.cat([l_pos, l_neg], dim=1).div_(temperature)  # cat's backward keeps no output
+        columns = [l_pos] if extra_negative is None else [l_pos,
+                                                          extra_negative.to(torch.float32)[:, None]]
+        logits = torch.cat([*columns, l_neg], dim=1).div_(temperature)  # cat keeps no output
         labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-        return F_nn.cross_entropy(logits, labels)
+        return F_nn.cross_entropy(logits, labels, reduction=reduction)
+
+
+def _validate_extras(op_name, query, extra_negative, reduction):
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"{op_name}: reduction must be 'mean' or 'none', got {reduction!r}")
+    if extra_negative is None:
+        return
+    if not isinstance(extra_negative, torch.Tensor) or not extra_negative.is_floating_point():
+        raise ValueError(f"{op_name}: extra_negative must be a floating tensor of shape (M,)")
+    if tuple(extra_negative.shape) != (query.shape[0],):
+        raise ValueError(f"{op_name}: extra_negative must have shape (M,) = ({query.shape[0]},), "
+                         f"got {tuple(extra_negative.shape)}")
+    if extra_negative.device != query.device:
+        raise ValueError(f"{op_name}: extra_negative must be on {query.device}, got "
+                         f"{extra_negative.device}")
 
 
 def _reference_logits(query, positive, queue, temperature):
@@ -702,8 +722,16 @@ def _backward(ctx, grad_loss, grad_lse):
 torch.library.register_autograd("densesim::queue_infonce", _backward, setup_context=_setup_context)
 
 
-def queue_infonce(query, positive, queue, temperature, backend="auto"):
+def queue_infonce(query, positive, queue, temperature, backend="auto", *, extra_negative=None,
+                  reduction="mean"):
     """MoCo/DenseCL queue InfoNCE, mean over the M rows (0-d fp32); gradient to query only.
+
+    extra_negative (M,), optional: one more negative similarity per row, <q_i, e_i> (not divided
+    by tau), placed beside the positive -- RegionCL's "other region of the same composite" (its
+    gradient reaches whatever made it; detach the key side as RegionCL does). The kernels still
+    never store the (M, K) logits: the row loss is logaddexp(lse_i, e_i / tau) - x_i0, from the
+    op's per-row lse (which carries a gradient) and x_i0 = <q_i, k+_i> / tau.
+    reduction: "mean" (0-d) or "none" (the (M,) row losses, e.g. for a masked mean).
 
     backend="auto": densesim::queue_infonce with the Triton kernels on CUDA tensors (D <= 256,
     triton importable), with the reference maths otherwise; "triton": the kernels or a one-line
@@ -712,11 +740,18 @@ def queue_infonce(query, positive, queue, temperature, backend="auto"):
     See the module docstring for shapes, maths, edge inputs and backends."""
     _check_backend_name(_OP, backend)
     _validate(_OP, query, positive, queue, temperature)
+    _validate_extras(_OP, query, extra_negative, reduction)
     use_triton = _select_backend(_OP, backend, query.device, query.shape[1]) == "triton"
     if backend == "reference" or query.device.type not in _OP_DEVICES:
         # the plain-autograd definition (and "auto" on a device the registered op does not serve)
-        return queue_infonce_reference(query, positive, queue, temperature)
+        return queue_infonce_reference(query, positive, queue, temperature,
+                                       extra_negative=extra_negative, reduction=reduction)
     # "auto" without Triton: the same op with its reference maths (saves only lse, like Triton)
-    row_loss, _ = _queue_infonce_op(query, positive.detach(), queue.detach(), float(temperature),
-                                    use_triton)
-    return row_loss.mean()
+    row_loss, lse = _queue_infonce_op(query, positive.detach(), queue.detach(),
+                                      float(temperature), use_triton)
+    if extra_negative is not None:
+        with _fp32_region(query.device):
+            x0 = (query.to(torch.float32) * positive.detach().to(torch.float32)).sum(dim=1)
+            row_loss = torch.logaddexp(lse, extra_negative.to(torch.float32) / temperature) \
+                - x0 / temperature
+    return row_loss.mean() if reduction == "mean" else row_loss
