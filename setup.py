@@ -23,7 +23,9 @@ setup(
         "pillow>=9.0",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        # selective search for `python -m engine.proposals` (the contrib build has ximgproc)
+        "proposals": ["opencv-contrib-python-headless>=4.5"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "opencv-contrib-python-headless>=4.5"],
         "dali": ["nvidia-dali-cuda130"],
     },
 )
