@@ -44,6 +44,7 @@ from .relpos_embed import (
     relpos_query_embed,
     relpos_query_embed_reference,
 )
+from .roi_align import roi_align, roi_align_reference
 from .sinkhorn import sinkhorn, sinkhorn_reference
 from .unigrad_loss import (
     unigrad_covariance,
@@ -72,6 +73,8 @@ __all__ = [
     "relpos_embed_reference",
     "relpos_query_embed",
     "relpos_query_embed_reference",
+    "roi_align",
+    "roi_align_reference",
     "sinkhorn",
     "sinkhorn_reference",
     "token_gather",

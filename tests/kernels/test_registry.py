@@ -22,6 +22,7 @@ PUBLIC_OPS = {
     "queue_infonce": {"queue_infonce"},
     "pixel_propagation": {"pixel_propagation"},
     "sinkhorn": {"sinkhorn"},
+    "roi_align": {"roi_align"},
 }
 # helpers that are not ops: references (plain autograd, by design) and geometry/table builders
 NOT_OPS = {"absolute_sincos_table", "relpos_coordinates", "grid_sample_coordinates",
@@ -69,6 +70,8 @@ def calls():
         "pixel_propagation": lambda: kernels.pixel_propagation(torch.randn(1, 4, dim),
                                                                torch.randn(1, 4, dim)),
         "sinkhorn": lambda: kernels.sinkhorn(torch.randn(6, 10)),
+        "roi_align": lambda: kernels.roi_align(
+            torch.randn(2, 3, 8, 8), torch.tensor([[1, 0.5, 1.0, 6.0, 7.5]]), 2, 0.5),
     }
 
 
