@@ -1,4 +1,4 @@
-"""Benchmarks: two-view batches per second at 224 px, the DALI pipeline against the PyTorch loader.
+"""Benchmarks: two-view and multi-crop batches per second at 224 px, DALI against the PyTorch loader.
 
 Data: Imagenette's validation split at 224 px (`../shared/data/imagenette224_val.tar`, 3,925 JPEGs,
 242 of them grayscale), unpacked to a temporary folder once per session. The SIM recipe's
@@ -17,6 +17,13 @@ of a batch, and `loader`, `mode`, `batch`, `workers`/`threads`):
   (CUDA where present, else host RAM; the decode stays out of the timing) and augmented there in
   batched tensor ops — the path for datasets that fit in device memory.
 Non-torch variants also store `over_torch`: their rate over the `torch` rate of the same session.
+`dali_cpu_once` / `dali_gpu_once` decode each image's two view regions as one (their union)
+instead of one region per view (`decode="once"`; the two-view default is "per_view").
+
+`test_multicrop_throughput`: SwAV's multi-crop, 2×224 (scale 0.14–1) + 6×96 (0.05–0.14) with SwAV's
+colour (`MultiCropAugment.swav()`), images per second (one image = its 8 crops), the same loaders;
+the DALI variants decode each image once for all 8 crops (`decode="once"`, the multi-crop default)
+or once per crop (`*_per_view`), so the two can be compared on one machine.
 
 Each timed call pulls `BATCHES` batches from a stream that is already running (pipeline built,
 workers started, one warm-up round), and synchronises CUDA at the end. With --benchmark-disable
@@ -34,7 +41,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.augment import recipe_augment
+from pipelines.augment import MultiCropAugment, recipe_augment
 from pipelines.dali import DaliTwoViewLoader, dali_available
 from pipelines.datasets import ImageFolder
 from pipelines.resident import ResidentTwoViewLoader
@@ -84,8 +91,8 @@ def imagenette(request, tmp_path_factory) -> ImageFolder:
     return ImageFolder(str(root))
 
 
-def _loader(variant: str, dataset: ImageFolder, batch: int):
-    augment = recipe_augment(SIZE)
+def _loader(variant: str, dataset: ImageFolder, batch: int, augment=None):
+    augment = recipe_augment(SIZE) if augment is None else augment
     cuda = torch.cuda.is_available()
     if variant == "torch":
         workers = _cpus()
@@ -100,16 +107,22 @@ def _loader(variant: str, dataset: ImageFolder, batch: int):
     ok, reason = dali_available()
     if not ok:
         pytest.skip(reason)
-    if variant == "dali_gpu" and not cuda:
+    gpu = variant.startswith("dali_gpu")
+    if gpu and not cuda:
         pytest.skip("the DALI GPU (mixed nvJPEG) variant needs CUDA; dali_cpu runs here")
-    device = "cuda" if variant == "dali_gpu" else None
-    loader = DaliTwoViewLoader(dataset, augment, batch_size=batch, seed=0, device=device)
+    device = "cuda" if gpu else None
+    decode = ("once" if variant.endswith("_once") else
+              "per_view" if variant.endswith("_per_view") else "auto")
+    loader = DaliTwoViewLoader(dataset, augment, batch_size=batch, seed=0, device=device,
+                               decode=decode)
     return loader, {"loader": "dali", "mode": "gpu" if device else "cpu",
-                    "threads": loader.threads}
+                    "threads": loader.threads,
+                    "decode": "once" if loader.decode_once else "per_view"}
 
 
 @pytest.mark.benchmark(group="pipeline")
-@pytest.mark.parametrize("variant", ["torch", "dali_cpu", "dali_gpu", "resident"])
+@pytest.mark.parametrize("variant", ["torch", "dali_cpu", "dali_cpu_once", "dali_gpu",
+                                     "dali_gpu_once", "resident"])
 def test_two_view_throughput(benchmark, record_rate, sync, imagenette, variant):
     """Two-view 224-px batches per second from a running stream (CUDA synchronised)."""
     disabled = benchmark.disabled
@@ -142,3 +155,45 @@ def test_two_view_throughput(benchmark, record_rate, sync, imagenette, variant):
         _RATES[variant] = rate
         if variant != "torch" and "torch" in _RATES:
             benchmark.extra_info["over_torch"] = rate / _RATES["torch"]
+
+
+_MULTICROP_RATES: dict[str, float] = {}
+
+
+@pytest.mark.benchmark(group="pipeline_multicrop")
+@pytest.mark.parametrize("variant", ["torch", "dali_cpu", "dali_cpu_per_view", "dali_gpu",
+                                     "dali_gpu_per_view", "resident"])
+def test_multicrop_throughput(benchmark, record_rate, sync, imagenette, variant):
+    """SwAV multi-crop (2×224 + 6×96) images per second from a running stream."""
+    disabled = benchmark.disabled
+    cuda = torch.cuda.is_available()
+    batch = 8 if disabled else (128 if cuda else 16)
+    batches = 1 if disabled else (4 if cuda else 2)
+    augment = MultiCropAugment.swav()
+    loader, info = _loader(variant, imagenette, batch, augment)
+    stream = loader.stream()
+
+    def run():
+        for _ in range(batches):
+            out = next(stream)
+        sync()
+        return out
+
+    try:
+        run()   # start-up stays out of the timing
+        out = benchmark.pedantic(run, rounds=1 if disabled else 3, iterations=1,
+                                 warmup_rounds=0 if disabled else 1)
+    finally:
+        stream.close()
+    assert [tuple(c.shape) for c in out["crops"]] == [(batch, 3, 224, 224)] * 2 + [
+        (batch, 3, 96, 96)] * 6
+    assert out["view1"] is out["crops"][0] and out["boxes"].shape == (batch, 8, 4)
+    assert all(torch.isfinite(c).all() for c in out["crops"]) and out["skipped_files"] == []
+    benchmark.extra_info.update(variant=variant, batch=batch, batches_per_call=batches,
+                                crops="2x224+6x96", images=len(imagenette),
+                                device=str(out["view1"].device), **info)
+    rate = record_rate(batch * batches, "images_per_s")
+    if rate is not None:
+        _MULTICROP_RATES[variant] = rate
+        if variant != "torch" and "torch" in _MULTICROP_RATES:
+            benchmark.extra_info["over_torch"] = rate / _MULTICROP_RATES["torch"]

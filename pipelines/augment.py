@@ -18,7 +18,14 @@ distribution.
 Named recipes (`AUGMENTATIONS`, `augment_recipe(name, size, ...)`): "sim" (the default, SIM's =
 BYOL's asymmetric pair, bicubic), "byol" (the same table under BYOL's name) and "mocov2" (MoCo v2 /
 DenseCL: both views alike, crop scale (0.2, 1), bilinear, blur p 0.5, no solarize).
-`recipe_augment(...)` is the "sim" recipe, as before.
+`recipe_augment(...)` is the "sim" recipe, as before. "swav" (SwAV's colour, symmetric, bilinear,
+mean/std (0.485, 0.456, 0.406)/(0.228, 0.224, 0.225)) is the colour table of SwAV's multi-crop.
+
+Multi-crop (`MultiCropAugment`, `multicrop_augment(name, crops)`): any number of crops, each with
+its own `ViewAugment` (size, scale range, colour), e.g. SwAV's 2×224 (scale 0.14–1) + 6×96
+(0.05–0.14). The draws follow TwoViewAugment's order: every crop's geometry first (crop by crop),
+then every crop's colour, so a two-crop MultiCropAugment with TwoViewAugment's two views yields
+exactly its views for the same rng.
 
 All randomness comes from the `random.Random` passed in, so a view is a pure function of
 (image, augmentation config, rng state). Parameters are drawn first (`sample_params`, cheap, no
@@ -31,6 +38,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -39,6 +47,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SWAV_STD = (0.228, 0.224, 0.225)   # SwAV's src/multicropdataset.py normalises with this std
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -331,6 +340,11 @@ class TwoViewAugment:
     def size(self) -> int:
         return self.view1.size
 
+    @property
+    def views(self) -> tuple[ViewAugment, ViewAugment]:
+        """(view1, view2): the per-view configs, as `MultiCropAugment.views` (what loaders read)."""
+        return self.view1, self.view2
+
     def geometry_only(self) -> "TwoViewAugment":
         """Crops and flips only: the same geometry for a given rng state as with colour on."""
         return TwoViewAugment(self.view1.geometry_only(), self.view2.geometry_only())
@@ -353,6 +367,131 @@ class TwoViewAugment:
             (p1, p2))
 
 
+# ----------------------------------------------------------------------------- multi-crop
+
+class MultiViews(NamedTuple):
+    crops: list[torch.Tensor]          # V float32 (3, S_v, S_v), in the augmentation's order
+    boxes: torch.Tensor                # float32 (V, 4): (y, x, h, w), original-image pixels
+    flips: torch.Tensor                # bool (V,)
+    params: tuple[ViewParams, ...]
+
+
+class CropGroup(NamedTuple):
+    """`count` crops of `size` pixels with RandomResizedCrop area fraction in `scale`; `view` is
+    the template of their other settings (ratio, interpolation, flip, colour, normalisation), or
+    a sequence of `count` ViewAugments, one per crop (their size and scale are replaced too)."""
+    count: int
+    size: int
+    scale: tuple[float, float]
+    view: ViewAugment | Sequence[ViewAugment] = ViewAugment()
+
+
+@dataclass(frozen=True)
+class MultiCropAugment:
+    """V ≥ 2 crops of one image, each with its own ViewAugment (size, crop scale, colour, ...).
+
+    views: one ViewAugment per crop, in output order (the large crops first, by convention: the
+    loaders keep the order given). `from_groups` builds it from (count, size, scale, view)
+    groups; `swav()` is SwAV's 2×224 + 6×96. Draws, from the rng: the geometry (flip, box) of
+    crop 0, 1, ..., V−1, then the colour of crop 0, 1, ..., V−1: TwoViewAugment's order, so
+    `MultiCropAugment((a, b))` gives exactly `TwoViewAugment(a, b)`'s views for one rng state,
+    and switching colour off leaves every crop and flip unchanged.
+    """
+    views: tuple[ViewAugment, ...]
+
+    def __post_init__(self):
+        views = tuple(self.views)
+        object.__setattr__(self, "views", views)
+        if len(views) < 2:
+            raise ValueError(f"multi-crop needs at least 2 crops, got {len(views)}")
+        if not all(isinstance(v, ViewAugment) for v in views):
+            raise ValueError("every crop of a MultiCropAugment must be a ViewAugment")
+
+    @classmethod
+    def from_groups(cls, groups: Sequence) -> "MultiCropAugment":
+        """From (count, size, scale[, view]) groups (`CropGroup`s or plain tuples), in order."""
+        views: list[ViewAugment] = []
+        for group in groups:
+            group = CropGroup(*group)
+            if int(group.count) != group.count or group.count < 1:
+                raise ValueError(f"a crop group needs a positive integer count, got "
+                                 f"{group.count}")
+            per_crop = ([group.view] * group.count if isinstance(group.view, ViewAugment)
+                        else list(group.view))
+            if len(per_crop) != group.count:
+                raise ValueError(f"a crop group of {group.count} crops got {len(per_crop)} "
+                                 f"ViewAugments")
+            views += [dataclasses.replace(v, size=int(group.size), scale=tuple(group.scale))
+                      for v in per_crop]
+        return cls(tuple(views))
+
+    @classmethod
+    def swav(cls, sizes: tuple[int, int] = (224, 96), counts: tuple[int, int] = (2, 6),
+             scales: tuple[tuple[float, float], tuple[float, float]] = ((0.14, 1.0),
+                                                                          (0.05, 0.14)),
+             normalize: bool = True) -> "MultiCropAugment":
+        """SwAV's multi-crop (spec/DENSE.md §5, `multicropdataset.py`): 2×224 at scale
+        (0.14, 1) + 6×96 at (0.05, 0.14), every crop with the "swav" recipe's colour."""
+        return multicrop_augment("swav", list(zip(counts, sizes, scales)), normalize=normalize)
+
+    @property
+    def count(self) -> int:
+        return len(self.views)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(v.size for v in self.views)
+
+    @property
+    def size_groups(self) -> tuple[tuple[int, int, int], ...]:
+        """(start, stop, size) of each run of consecutive crops of one size (loaders batch
+        each run in one op; SwAV's 2×224 + 6×96 is ((0, 2, 224), (2, 8, 96)))."""
+        return size_runs(self.sizes)
+
+    @property
+    def view1(self) -> ViewAugment:
+        return self.views[0]
+
+    @property
+    def view2(self) -> ViewAugment:
+        return self.views[1]
+
+    def geometry_only(self) -> "MultiCropAugment":
+        """Crops and flips only: the same geometry for a given rng state as with colour on."""
+        return MultiCropAugment(tuple(v.geometry_only() for v in self.views))
+
+    def sample_params(self, height: int, width: int,
+                      rng: random.Random) -> tuple[ViewParams, ...]:
+        """Every geometry first (flip, box of crop 0, 1, ...), then every colour draw."""
+        geometry = [v.sample_geometry(height, width, rng) for v in self.views]
+        colour = [v.sample_colour(rng) for v in self.views]
+        return tuple(ViewParams(*g, *c) for g, c in zip(geometry, colour))
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> MultiViews:
+        params = self.sample_params(image.height, image.width, rng)
+        return MultiViews(
+            [v.apply(image, p) for v, p in zip(self.views, params)],
+            torch.tensor([p.box for p in params], dtype=torch.float32),
+            torch.tensor([p.flip for p in params], dtype=torch.bool),
+            params)
+
+
+def size_runs(sizes) -> tuple[tuple[int, int, int], ...]:
+    """(start, stop, size) of each run of consecutive equal view sizes."""
+    runs: list[tuple[int, int, int]] = []
+    for v, size in enumerate(sizes):
+        if runs and runs[-1][2] == size:
+            runs[-1] = (runs[-1][0], v + 1, size)
+        else:
+            runs.append((v, v + 1, size))
+    return tuple(runs)
+
+
+def is_multicrop(augment) -> bool:
+    """Whether `augment` makes multi-crop batches (`crops`, V views) rather than two views."""
+    return isinstance(augment, MultiCropAugment)
+
+
 def recipe_augment(size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                    ratio: tuple[float, float] = (3 / 4, 4 / 3), blur: bool = True,
                    colour: bool = True, interpolation: str = "bicubic") -> TwoViewAugment:
@@ -370,6 +509,12 @@ def recipe_augment(size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
 _BYOL_VIEW1 = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
                    hue=0.1, grayscale_p=0.2, blur_p=1.0, blur_sigma=(0.1, 2.0), solarize_p=0.0)
 _BYOL_VIEW2 = dict(_BYOL_VIEW1, blur_p=0.1, solarize_p=0.2)
+# SwAV (src/multicropdataset.py @ 06b1b7cb): get_color_distortion(s=1) = ColorJitter(0.8, 0.8,
+# 0.8, 0.2) with p 0.8 + RandomGrayscale 0.2, then PILRandomGaussianBlur(p=0.5, radius U(0.1, 2)),
+# after RandomResizedCrop + RandomHorizontalFlip(0.5); Normalize(mean, std (0.228, 0.224, 0.225)).
+_SWAV_VIEW = dict(flip_p=0.5, jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8,
+                  hue=0.2, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), solarize_p=0.0,
+                  mean=IMAGENET_MEAN, std=SWAV_STD)
 _MOCOV2_VIEW = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
                     hue=0.1, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), solarize_p=0.0)
 
@@ -405,10 +550,17 @@ _RECIPES: dict[str, _Recipe] = {
     # loader here does) is the same distribution.
     "mocov2": _Recipe((0.2, 1.0), (3 / 4, 4 / 3), "bilinear", _MOCOV2_VIEW, _MOCOV2_VIEW,
                       "MoCo v2 (moco/main_moco.py --aug-plus; DenseCL), symmetric, bilinear"),
+    # SwAV (Caron et al. 2020; spec/DENSE.md §5 "Multi-crop"): every crop alike, torchvision's
+    # RandomResizedCrop (default BILINEAR) at the large crops' scale (0.14, 1) when used for two
+    # views; jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, PIL blur σ ∈ [0.1, 2] p 0.5,
+    # flip 0.5, no solarize, std (0.228, 0.224, 0.225). Its multi-crop is
+    # multicrop_augment("swav", [(2, 224, (0.14, 1)), (6, 96, (0.05, 0.14))]).
+    "swav": _Recipe((0.14, 1.0), (3 / 4, 4 / 3), "bilinear", _SWAV_VIEW, _SWAV_VIEW,
+                    "SwAV (src/multicropdataset.py): symmetric colour s=1, blur p 0.5, bilinear"),
 }
 
 AUGMENTATIONS = tuple(_RECIPES)
-"""The names `augment_recipe` accepts: ("sim", "byol", "mocov2")."""
+"""The names `augment_recipe` and `multicrop_augment` accept: ("sim", "byol", "mocov2", "swav")."""
 
 
 def augmentation_source(name: str) -> str:
@@ -426,7 +578,7 @@ def augment_recipe(name: str, size: int = 224, scale: tuple[float, float] | None
                    ratio: tuple[float, float] | None = None, blur: bool = True,
                    interpolation: str | None = None, colour: bool = True,
                    normalize: bool = True) -> TwoViewAugment:
-    """The named two-view recipe ("sim", "byol" or "mocov2", see AUGMENTATIONS) at `size`.
+    """The named two-view recipe ("sim", "byol", "mocov2" or "swav", see AUGMENTATIONS) at `size`.
 
     scale / ratio / interpolation: None keeps the recipe's own (sim, byol: (0.08, 1), bicubic;
     mocov2: (0.2, 1), bilinear; all: ratio (3/4, 4/3)). blur=False switches the Gaussian blur off
@@ -444,3 +596,48 @@ def augment_recipe(name: str, size: int = 224, scale: tuple[float, float] | None
         views = [dataclasses.replace(v, blur_p=0.0) for v in views]
     pair = TwoViewAugment(*views)
     return pair if colour else pair.geometry_only()
+
+
+def _crop_triple(crop) -> tuple[int, int, tuple[float, float]]:
+    """(count, size, scale) from a (count, size, scale) tuple or anything with those attributes
+    (engine.methods.base.CropSpec)."""
+    if all(hasattr(crop, name) for name in ("count", "size", "scale")):
+        return int(crop.count), int(crop.size), tuple(crop.scale)
+    count, size, scale = crop
+    return int(count), int(size), tuple(scale)
+
+
+def multicrop_augment(name: str, crops: Sequence, ratio: tuple[float, float] | None = None,
+                      blur: bool = True, interpolation: str | None = None, colour: bool = True,
+                      normalize: bool = True) -> MultiCropAugment:
+    """Multi-crop with the colour of the named recipe (see AUGMENTATIONS).
+
+    crops: (count, size, scale) groups in output order (or CropSpecs), e.g. SwAV's
+    [(2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14))]. The recipe's scale is not used (each group
+    has its own); ratio / interpolation: None keeps the recipe's. Colour: within every group the
+    crops alternate between the recipe's two views — crops 0, 2, 4, ... of a group take view 1's
+    colour, crops 1, 3, 5, ... view 2's — so the first group of a two-view recipe is exactly its
+    pair (`multicrop_augment(name, [(2, S, scale)])` draws what `augment_recipe(name, S,
+    scale=scale)` draws), and an asymmetric recipe (sim/byol: view 1 always blurred, view 2
+    blurred 0.1 and solarized 0.2) gives the small crops half of each kind, as DINO's
+    multi-crop mixes them. For the symmetric recipes (mocov2, swav) every crop is alike.
+    blur=False / colour=False as in `augment_recipe`.
+    """
+    recipe = _recipe(name)
+    views: list[ViewAugment] = []
+    triples = [_crop_triple(c) for c in crops]
+    if not triples:
+        raise ValueError("multicrop_augment needs at least one crop group")
+    for count, size, scale in triples:
+        if count < 1:
+            raise ValueError(f"a crop group needs a positive count, got {count}")
+        for j in range(count):
+            table = recipe.view1 if j % 2 == 0 else recipe.view2
+            views.append(ViewAugment(
+                size=size, scale=scale, ratio=recipe.ratio if ratio is None else ratio,
+                interpolation=recipe.interpolation if interpolation is None else interpolation,
+                normalize=normalize, **table))
+    if not blur:
+        views = [dataclasses.replace(v, blur_p=0.0) for v in views]
+    multi = MultiCropAugment(tuple(views))
+    return multi if colour else multi.geometry_only()

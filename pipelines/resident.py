@@ -1,4 +1,5 @@
-"""The resident two-view loader: a small dataset decoded once into device memory, augmented there.
+"""The resident two-view / multi-crop loader: a small dataset decoded once into device memory,
+augmented there.
 
 For datasets that fit in device memory (CIFAR-10: 50k × 32²; Imagenette-128: 9,469 × 128²) the
 whole folder is decoded once (Pillow, a thread pool) into one uint8 tensor on the training device,
@@ -23,8 +24,9 @@ smaller `max_side`. A projection from the first chunk of decoded images refuses 
 whole folder is decoded) when it exceeds 1.5× the budget.
 
 Geometry (DESIGN.md): output pixel (r, c) of an S×S view samples original row y + (r+½)·h/S − ½ and
-column x + (c'+½)·w/S − ½, c' = S−1−c when flipped. It is one `grid_sample` per batch (both views
-stacked along rows: one launch), align_corners=False, padding_mode='border', with a per-sample
+column x + (c'+½)·w/S − ½, c' = S−1−c when flipped. It is one `grid_sample` per batch and view
+size (the views of one size stacked along rows: one launch for two views, two for SwAV's 2×224 +
+6×96 multi-crop; every later step also runs once per view size), align_corners=False, padding_mode='border', with a per-sample
 affine grid built from the boxes. Because the stored padding replicates each image's own edge,
 'border' clamping is clamping at the image's own edge (as torchvision's tensor resize does), never
 a read of another image or of zeros. Differences from the Pillow path (torch_loader): PyTorch's
@@ -65,9 +67,9 @@ Randomness and reproducibility. Epoch e visits the dataset in `torch_loader.epoc
 seed, e)` order, global batch k is positions [k·B·world, (k+1)·B·world) and rank r takes the r-th
 slice of B: exactly the torch loader's order and sharding, so the two loaders yield the same image
 indices batch for batch (unreadable files are replaced by the next readable image, as
-`ImageFolder` does). Every random parameter of an epoch comes from ONE `torch.rand((n, 2, 36))`
-drawn on the device from a `torch.Generator` seeded by (seed, epoch): row p holds the uniforms of
-the sample at epoch position p (flip, 10 crop tries of area and aspect, anchor, jitter gate, order,
+`ImageFolder` does). Every random parameter of an epoch comes from ONE `torch.rand((n, V, 36))`
+(V = 2, or a multi-crop's V) drawn on the device from a `torch.Generator` seeded by (seed, epoch):
+row p holds the uniforms of the sample at epoch position p, per view (flip, 10 crop tries of area and aspect, anchor, jitter gate, order,
 factors, grayscale, blur gate and σ, solarize gate; the same layout whatever the config, so turning
 colour off leaves the crops unchanged). A batch is therefore a pure function of (images, augment,
 seed, epoch, batch index, rank, batch size·world): resuming with `start_batch=k` reproduces it bit
@@ -78,11 +80,17 @@ streams: the same seed gives different (equally distributed) draws on CPU and on
 Host work per batch: a few Python integers and tensor views; on CUDA no `.item()`, `.tolist()`,
 boolean indexing or data-dependent shape (only the CPU's `compact` colour steps index by mask).
 Per epoch: one CPU `randperm` (the torch loader's order), copied to the device from pinned memory
-with non_blocking=True, and one `torch.rand` on the device. The uniform table costs n·72·4 bytes
-of device memory (14 MB for CIFAR-10's 50k). Per batch, the gathered slots are converted to float
-(B·3·Hmax·Wmax·4 bytes, 50 MB at B = 256 and 128² slots): another reason to bound slots with
-`max_side` for folders of large photos. Decoding holds the decoded images in host memory once
+with non_blocking=True, and one `torch.rand` on the device. The uniform table costs n·V·36·4 bytes
+of device memory (14 MB for CIFAR-10's 50k with two views). Per batch, the gathered slots are
+converted to float (B·3·Hmax·Wmax·4 bytes, 50 MB at B = 256 and 128² slots): another reason to
+bound slots with `max_side` for folders of large photos. Decoding holds the decoded images in host memory once
 (unpadded) before they are copied to the device in chunks.
+
+Multi-crop and proposals. With a `MultiCropAugment` the batch also holds `crops` (V tensors, view1 /
+view2 = crops[0] / crops[1]), boxes (B, V, 4) and flips (B, V). With `proposals` (boxes (N, P, 4),
+counts (N,)), kept on the device, each batch holds them mapped into every view
+(`torch_loader.proposals_in_views`: index_select + `geometry.boxes_in_view`, tensor ops only, no
+host sync).
 """
 from __future__ import annotations
 
@@ -99,10 +107,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .augment import TwoViewAugment, ViewAugment
+from .augment import MultiCropAugment, TwoViewAugment, ViewAugment, is_multicrop, size_runs
 from .datasets import MAX_DECODE_TRIES, DataError, ImageFolder, resolve_source
-from .torch_loader import (_mix, check_batching, count_batches, epoch_permutation,
-                           rank_slice)
+from .torch_loader import (Batch, _mix, check_batching, check_proposals, count_batches,
+                           epoch_permutation, proposals_in_views, rank_slice)
 
 GRID_SAMPLE_MODES = ("bicubic", "bilinear", "nearest")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert("L")
@@ -495,21 +503,21 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
 # ----------------------------------------------------------------------------- parameters
 
 class ViewBatchParams(NamedTuple):
-    """Everything random about a batch of two-view samples; (B, 2) per view unless noted."""
-    boxes: torch.Tensor        # (B, 2, 4) (y, x, h, w), original-image pixels, integer-valued
+    """Everything random about a batch of V-view samples; (B, V) per view unless noted."""
+    boxes: torch.Tensor        # (B, V, 4) (y, x, h, w), original-image pixels, integer-valued
     flips: torch.Tensor        # bool
     jitter: torch.Tensor       # bool: ColorJitter applied
-    order: torch.Tensor        # (B, 2, 4) int64: op per slot (0 b, 1 c, 2 s, 3 hue)
-    factors: torch.Tensor      # (B, 2, 4): brightness, contrast, saturation factors; hue shift
+    order: torch.Tensor        # (B, V, 4) int64: op per slot (0 b, 1 c, 2 s, 3 hue)
+    factors: torch.Tensor      # (B, V, 4): brightness, contrast, saturation factors; hue shift
     grayscale: torch.Tensor    # bool
     blur_sigma: torch.Tensor   # σ, 0 where not blurred
     solarize: torch.Tensor     # bool
 
 
 class _ViewConstants:
-    """The two ViewAugment configs as (2, ...) tensors on the device (index 0 = view 1)."""
+    """The V ViewAugment configs as (V, ...) tensors on the device (index 0 = view 1)."""
 
-    def __init__(self, views: tuple[ViewAugment, ViewAugment], device: torch.device,
+    def __init__(self, views: tuple[ViewAugment, ...], device: torch.device,
                  dtype: torch.dtype):
         def t(values, dt=dtype):
             return torch.tensor(values, dtype=dt, device=device)
@@ -537,7 +545,7 @@ def _factor_range(strength: float) -> tuple[float, float] | None:
 
 def draw_params(uniforms: torch.Tensor, height: torch.Tensor, width: torch.Tensor,
                 consts: _ViewConstants) -> ViewBatchParams:
-    """Turn (B, 2, U_PER_VIEW) uniforms into the batch's parameters (same distributions as
+    """Turn (B, V, U_PER_VIEW) uniforms into the batch's parameters (same distributions as
     pipelines/augment.py, per view config). height, width (B,) original image sizes."""
     u = uniforms.to(consts.scale[0].dtype)
     flips = u[..., _U_FLIP] < consts.flip_p
@@ -558,35 +566,65 @@ def draw_params(uniforms: torch.Tensor, height: torch.Tensor, width: torch.Tenso
 
 # ----------------------------------------------------------------------------- the renderer
 
-class TwoViewRenderer:
-    """Crop + resize + flip + colour + normalise for a batch of stored images, both views at once.
+class _Steps(NamedTuple):
+    """Which colour steps a set of views can apply at all (static, decided at construction)."""
+    jitter: bool
+    blend: bool
+    hue: bool
+    gray: bool
+    blur: bool
+    solarize: bool
 
-    Static decisions (made here, never per batch): the grid_sample mode(s), the supersampling
-    factor, which colour ops exist at all, the blur radius.
+
+def _steps(views) -> _Steps:
+    return _Steps(any(v.jitter_p > 0 for v in views),
+                  any(v.jitter_p > 0 and (v.brightness or v.contrast or v.saturation)
+                      for v in views),
+                  any(v.jitter_p > 0 and v.hue > 0 for v in views),
+                  any(v.grayscale_p > 0 for v in views),
+                  any(v.blur_p > 0 for v in views),
+                  any(v.solarize_p > 0 for v in views))
+
+
+def _take(p: ViewBatchParams, lo: int, hi: int) -> ViewBatchParams:
+    """The parameters of views lo..hi−1."""
+    return ViewBatchParams(*(t[:, lo:hi] for t in p))
+
+
+class ViewRenderer:
+    """Crop + resize + flip + colour + normalise for a batch of stored images, every view at once.
+
+    augment: a TwoViewAugment or a MultiCropAugment (`augment.views`). The views are rendered in
+    runs of consecutive views of one size (`groups`: SwAV's 2×224 + 6×96 is two runs), each run
+    one grid_sample (per interpolation mode) and one pass of each colour step over (B, 3, V_run,
+    S, S). Static decisions (made here, never per batch): the grid_sample mode(s), the
+    supersampling factor of each run, which colour ops exist at all in each run, the blur radius.
     """
 
-    def __init__(self, augment: TwoViewAugment, slot_size: tuple[int, int],
+    def __init__(self, augment, slot_size: tuple[int, int],
                  device: torch.device, antialias: bool = True, compact: bool | None = None):
-        views = (augment.view1, augment.view2)
+        views = tuple(augment.views)
         for v in views:
             if v.interpolation not in GRID_SAMPLE_MODES:
                 raise DataError(f"interpolation {v.interpolation!r} is not available in the "
                                 f"resident loader: use {', '.join(GRID_SAMPLE_MODES)} (or "
                                 f"--loader torch)")
-        self.views, self.size, self.device = views, augment.size, device
+        self.views, self.device = views, device
+        self.sizes = tuple(v.size for v in views)
+        self.size = self.sizes[0]              # the (first run's) view size
+        self.groups = size_runs(self.sizes)    # (start, stop, size) per run of one size
         self.modes = tuple(v.interpolation for v in views)
         self.slot_size = slot_size
-        ratio = max(slot_size) / self.size
-        self.supersample = min(MAX_SUPERSAMPLE, max(1, math.ceil(ratio / 2))) if antialias else 1
+        self.supersamples = tuple(
+            min(MAX_SUPERSAMPLE, max(1, math.ceil(max(slot_size) / size / 2))) if antialias
+            else 1 for _, _, size in self.groups)
+        self.supersample = self.supersamples[0]
         self.dtype = _param_dtype(device)
         self.consts = _ViewConstants(views, device, self.dtype)
-        self.any_jitter = any(v.jitter_p > 0 for v in views)
-        self.any_blend = any(v.jitter_p > 0 and (v.brightness or v.contrast or v.saturation)
-                             for v in views)
-        self.any_hue = any(v.jitter_p > 0 and v.hue > 0 for v in views)
-        self.any_gray = any(v.grayscale_p > 0 for v in views)
-        self.any_blur = any(v.blur_p > 0 for v in views)
-        self.any_solarize = any(v.solarize_p > 0 for v in views)
+        steps = _steps(views)
+        (self.any_jitter, self.any_blend, self.any_hue, self.any_gray, self.any_blur,
+         self.any_solarize) = steps
+        self._group_steps = tuple(_steps(views[lo:hi]) for lo, hi, _ in self.groups)
         self.blur_radius = max((math.ceil(3 * v.blur_sigma[1]) for v in views if v.blur_p > 0),
                                default=0)
         # On the CPU a data-dependent shape costs nothing, so each gated colour step (the hue,
@@ -594,23 +632,27 @@ class TwoViewRenderer:
         # is computed only where it is used. On CUDA that would be a host sync per step: there
         # it is computed for the whole batch and selected by mask. Both give the same values.
         self.compact = device.type == "cpu" if compact is None else bool(compact)
-        s, k = self.size, self.supersample
-        m = torch.arange(s * k, dtype=self.dtype, device=device)
-        self._base = torch.div(m, k, rounding_mode="floor") + 0.5      # output pixel centre
-        self._offset = (torch.remainder(m, k) + 0.5) / k - 0.5          # sub-sample offset
+        self._centres = []
+        for (_, _, s), k in zip(self.groups, self.supersamples):
+            m = torch.arange(s * k, dtype=self.dtype, device=device)
+            self._centres.append((torch.div(m, k, rounding_mode="floor") + 0.5,  # pixel centre
+                                  (torch.remainder(m, k) + 0.5) / k - 0.5))       # sub-sample
         mean = torch.tensor([v.mean if v.normalize else (0.0,) * 3 for v in views],
                             dtype=torch.float32, device=device)
         std = torch.tensor([v.std if v.normalize else (1.0,) * 3 for v in views],
                            dtype=torch.float32, device=device)
-        self._mean, self._std = mean.view(2, 1, 3, 1, 1), std.view(2, 1, 3, 1, 1)
+        self._mean, self._std = mean.view(-1, 1, 3, 1, 1), std.view(-1, 1, 3, 1, 1)
 
     def grid(self, boxes: torch.Tensor, flips: torch.Tensor, image_hw: torch.Tensor,
-             stored_hw: torch.Tensor) -> torch.Tensor:
-        """(B, 2·kS, kS, 2) float32 grid_sample coordinates for both views (view 1 rows first)."""
-        s, k = self.size, self.supersample
+             stored_hw: torch.Tensor, group: int = 0) -> torch.Tensor:
+        """(B, V_g·kS, kS, 2) float32 grid_sample coordinates for the views of run `group`
+        (boxes (B, V_g, 4) and flips (B, V_g) of those views; the first view's rows first)."""
+        _, _, s = self.groups[group]
+        k = self.supersamples[group]
+        base, offset = self._centres[group]
         hmax, wmax = self.slot_size
-        b = boxes.shape[0]
-        y, x, h, w = boxes.unbind(-1)                                    # (B, 2)
+        b, views = boxes.shape[:2]
+        y, x, h, w = boxes.unbind(-1)                                    # (B, V_g)
         scale_y = (stored_hw[:, 0] / image_hw[:, 0])[:, None]             # stored / original
         scale_x = (stored_hw[:, 1] / image_hw[:, 1])[:, None]
         if k > 1:
@@ -618,48 +660,60 @@ class TwoViewRenderer:
             spread_x = (w * scale_x / s - 1).clamp(0, 1)[..., None]
         else:
             spread_y = spread_x = 0.0
-        uy = self._base + self._offset * spread_y                        # output-pixel units
-        ux = self._base + self._offset * spread_x
+        uy = base + offset * spread_y                                    # output-pixel units
+        ux = base + offset * spread_x
         ux = torch.where(flips[..., None], s - ux, ux)                   # mirror: c' = S−1−c
         # original coordinate y + u·h/S − ½ → stored (· + ½)·scale − ½ → normalised (2·+1)/size − 1
         gy = 2 * (y[..., None] + uy * (h / s)[..., None]) * (scale_y / hmax)[..., None] - 1
         gx = 2 * (x[..., None] + ux * (w / s)[..., None]) * (scale_x / wmax)[..., None] - 1
-        gy, gx = gy.to(torch.float32), gx.to(torch.float32)              # (B, 2, kS)
-        grid = torch.stack([gx[:, :, None, :].expand(b, 2, s * k, s * k),
-                            gy[:, :, :, None].expand(b, 2, s * k, s * k)], dim=-1)
-        return grid.reshape(b, 2 * s * k, s * k, 2)
+        gy, gx = gy.to(torch.float32), gx.to(torch.float32)              # (B, V_g, kS)
+        grid = torch.stack([gx[:, :, None, :].expand(b, views, s * k, s * k),
+                            gy[:, :, :, None].expand(b, views, s * k, s * k)], dim=-1)
+        return grid.reshape(b, views * s * k, s * k, 2)
 
-    def crop_resize(self, images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 2, S, S) float32 in [0, 1] from (B, 3, Hmax, Wmax) uint8."""
-        s, k = self.size, self.supersample
-        src = images.to(torch.float32)
-        if self.modes[0] == self.modes[1]:
-            out = F.grid_sample(src, grid, mode=self.modes[0], padding_mode="border",
+    def crop_resize(self, images: torch.Tensor, grid: torch.Tensor,
+                    group: int = 0) -> torch.Tensor:
+        """(B, 3, V_g, S, S) float32 in [0, 1] from (B, 3, Hmax, Wmax) images (uint8, or
+        already float in 0..255)."""
+        lo, hi, s = self.groups[group]
+        k = self.supersamples[group]
+        src = images if images.is_floating_point() else images.to(torch.float32)
+        modes = self.modes[lo:hi]
+        if all(mode == modes[0] for mode in modes):
+            out = F.grid_sample(src, grid, mode=modes[0], padding_mode="border",
                                 align_corners=False)
         else:
-            half = s * k
-            out = torch.cat([F.grid_sample(src, grid[:, v * half:(v + 1) * half], mode=mode,
+            rows = s * k
+            out = torch.cat([F.grid_sample(src, grid[:, v * rows:(v + 1) * rows], mode=mode,
                                            padding_mode="border", align_corners=False)
-                             for v, mode in enumerate(self.modes)], dim=2)
+                             for v, mode in enumerate(modes)], dim=2)
         if k > 1:
             out = F.avg_pool2d(out, k)
-        return out.mul_(1 / 255).clamp_(0, 1).view(out.shape[0], 3, 2, s, s)
+        return out.mul_(1 / 255).clamp_(0, 1).view(out.shape[0], 3, hi - lo, s, s)
 
-    def colour(self, x: torch.Tensor, p: ViewBatchParams) -> torch.Tensor:
-        """The colour steps on (B, 3, 2, S, S) in [0, 1], per-(sample, view) parameters.
+    def colour(self, x: torch.Tensor, p: ViewBatchParams, group: int | None = None
+               ) -> torch.Tensor:
+        """The colour steps on (B, 3, V_g, S, S) in [0, 1], per-(sample, view) parameters (p's
+        (B, V_g) entries); `group` is the run these views are (None: all views, one size).
 
-        Each step is gated per (sample, view) by a (B, 2) mask: on CUDA computed for the whole
+        Each step is gated per (sample, view) by a (B, V_g) mask: on CUDA computed for the whole
         batch and selected with `torch.where` (no host sync); with `compact` (the CPU) computed
         only for the pairs where the mask holds. Both give the same values."""
+        if group is None:
+            lo, hi, steps = 0, len(self.views), _Steps(
+                self.any_jitter, self.any_blend, self.any_hue, self.any_gray, self.any_blur,
+                self.any_solarize)
+        else:
+            (lo, hi, _), steps = self.groups[group], self._group_steps[group]
         compact = self.compact
         if compact:
             x = x.clone()  # updated in place below
 
-        def bcast(t):  # (B, 2) → (B, 1, 2, 1, 1)
+        def bcast(t):  # (B, V) → (B, 1, V, 1, 1)
             return t[:, None, :, None, None]
 
         def gated(x, mask, fn, *params):
-            """fn(x, *params) where `mask` holds, x elsewhere; params are (B, 2) tensors."""
+            """fn(x, *params) where `mask` holds, x elsewhere; params are (B, V) tensors."""
             if not compact:
                 return torch.where(bcast(mask), fn(x, *(bcast(t) for t in params)), x)
             sample, view = mask.nonzero(as_tuple=True)
@@ -668,65 +722,79 @@ class TwoViewRenderer:
                                         *(t[sample, view].view(-1, 1, 1, 1) for t in params))
             return x
 
-        if self.any_jitter:
-            enabled = self.consts.enabled.expand(p.order.shape)
+        if steps.jitter:
+            enabled = self.consts.enabled[lo:hi].expand(p.order.shape)
             for slot in range(4):
-                op = p.order[..., slot:slot + 1]                              # (B, 2, 1)
+                op = p.order[..., slot:slot + 1]                              # (B, V, 1)
                 active = p.jitter & enabled.gather(-1, op).squeeze(-1)
                 factor = p.factors.gather(-1, op).squeeze(-1).to(x.dtype)
                 op = op.squeeze(-1)
-                if self.any_blend:
+                if steps.blend:
                     x = gated(x, active & (op < 3), _jitter_blend, factor, op)
-                if self.any_hue:
+                if steps.hue:
                     x = gated(x, active & (op == 3), adjust_hue, factor)
-        if self.any_gray:
+        if steps.gray:
             x = gated(x, p.grayscale, lambda v: grayscale(v).expand_as(v))
-        if self.any_blur:
+        if steps.blur:
             sigma, radius = p.blur_sigma.to(x.dtype), self.blur_radius
             if compact:
                 x = gated(x, sigma > 0, lambda v, s: gaussian_blur(v, s.view(-1, 1), radius),
                           sigma)
             else:  # not blurred: σ = 0, a delta kernel
                 x = gaussian_blur(x, sigma[:, None, :], radius)
-        if self.any_solarize:
-            x = gated(x, p.solarize, solarize, self.consts.threshold.expand(p.solarize.shape))
+        if steps.solarize:
+            x = gated(x, p.solarize, solarize,
+                      self.consts.threshold[lo:hi].expand(p.solarize.shape))
         return x
 
-    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two contiguous (B, 3, S, S) float32 views, (x − mean)/std per view config."""
-        return tuple((x[:, :, v] - self._mean[v]) / self._std[v] for v in range(2))
+    def normalise(self, x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, ...]:
+        """The run's V_g contiguous (B, 3, S, S) float32 views, (x − mean)/std per view config."""
+        lo, hi, _ = self.groups[group]
+        return tuple((x[:, :, v] - self._mean[lo + v]) / self._std[lo + v]
+                     for v in range(hi - lo))
 
     def __call__(self, images: torch.Tensor, params: ViewBatchParams, image_hw: torch.Tensor,
-                 stored_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = self.grid(params.boxes, params.flips, image_hw, stored_hw)
-        return self.normalise(self.colour(self.crop_resize(images, grid), params))
+                 stored_hw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every view, in order: V (B, 3, S_v, S_v) float32 tensors."""
+        src = images.to(torch.float32)   # converted once for all runs
+        views: list[torch.Tensor] = []
+        for g, (lo, hi, _) in enumerate(self.groups):
+            p = params if len(self.groups) == 1 else _take(params, lo, hi)
+            grid = self.grid(p.boxes, p.flips, image_hw, stored_hw, g)
+            views += self.normalise(self.colour(self.crop_resize(src, grid, g), p, g), g)
+        return tuple(views)
 
+
+TwoViewRenderer = ViewRenderer   # the two-view name of the same renderer
 
 # ----------------------------------------------------------------------------- the loader
 
 class _Epoch(NamedTuple):
     epoch: int
     order: torch.Tensor      # (n,) dataset indices in epoch order, on the device
-    uniforms: torch.Tensor   # (n, 2, U_PER_VIEW) float32 per epoch position, on the device
+    uniforms: torch.Tensor   # (n, V, U_PER_VIEW) float32 per epoch position, on the device
 
 
 class ResidentTwoViewLoader:
-    """Two-view batches from a `ResidentImages`, augmented on its device (module docstring).
+    """Two-view or multi-crop batches from a `ResidentImages`, augmented on its device (module
+    docstring).
 
     images: a `ResidentImages`, or what `ResidentImages` accepts as its source (an ImageFolder, a
     folder path, None for the embedded photos), decoded on `device` with `max_side`, `max_bytes`
-    and `workers` decoding threads. augment: a `TwoViewAugment` (interpolation bicubic, bilinear
-    or nearest). antialias: supersample strongly shrunk crops (module docstring).
+    and `workers` decoding threads. augment: a `TwoViewAugment` or a `MultiCropAugment`
+    (interpolation bicubic, bilinear or nearest). antialias: supersample strongly shrunk crops
+    (module docstring). proposals: (boxes (N, P, 4), counts (N,)) region proposals by dataset
+    index (`torch_loader.TwoViewLoader`), kept on the device and mapped into every view there.
     The batch dict is `torch_loader.TwoViewLoader`'s, every tensor on the device; skipped_files
     (unreadable files, found at load time) is reported in the first batch of each
     `epoch_batches` / `stream` iterator only.
     """
 
-    def __init__(self, images, augment: TwoViewAugment, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True,
+    def __init__(self, images, augment: TwoViewAugment | MultiCropAugment, batch_size: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True,
                  device: torch.device | str | None = None, antialias: bool = True,
                  workers: int | None = None, max_side: int | None = None,
-                 max_bytes: int | None = None):
+                 max_bytes: int | None = None, proposals=None):
         if not isinstance(images, ResidentImages):
             images = ResidentImages(images, device=device, max_side=max_side,
                                     max_bytes=max_bytes, workers=workers)
@@ -737,8 +805,12 @@ class ResidentTwoViewLoader:
         self.images, self.augment, self.device = images, augment, images.device
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), drop_last
-        self.renderer = TwoViewRenderer(augment, tuple(images.pixels.shape[2:]), self.device,
-                                        antialias)
+        self.renderer = ViewRenderer(augment, tuple(images.pixels.shape[2:]), self.device,
+                                     antialias)
+        self.multicrop = is_multicrop(augment)
+        self.proposals = None
+        if proposals is not None:
+            self.proposals = tuple(t.to(self.device) for t in check_proposals(proposals, n))
 
     @property
     def dataset(self):
@@ -756,8 +828,13 @@ class ResidentTwoViewLoader:
         return self.batches_per_epoch
 
     def describe(self) -> str:
-        k = self.renderer.supersample
-        return self.images.describe() + (f"; {k}×{k} supersampling" if k > 1 else "")
+        ks = [(k, size) for k, (_, _, size) in zip(self.renderer.supersamples,
+                                                     self.renderer.groups) if k > 1]
+        if len(self.renderer.groups) == 1:
+            return self.images.describe() + (f"; {ks[0][0]}×{ks[0][0]} supersampling"
+                                              if ks else "")
+        return self.images.describe() + "".join(f"; {k}×{k} supersampling of the {s} px views"
+                                                for k, s in ks)
 
     def epoch_plan(self, epoch: int) -> _Epoch:
         """The epoch's order (the torch loader's) and its table of per-position uniforms."""
@@ -768,7 +845,8 @@ class ResidentTwoViewLoader:
             order = order.to(self.device)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_mix(self.seed, epoch, 0x2E51D))
-        uniforms = torch.rand((self.num_images, 2, U_PER_VIEW), generator=generator,
+        uniforms = torch.rand((self.num_images, len(self.renderer.views), U_PER_VIEW),
+                              generator=generator,
                               device=self.device, dtype=torch.float32)
         return _Epoch(epoch, order, uniforms)
 
@@ -782,12 +860,19 @@ class ResidentTwoViewLoader:
         params = draw_params(plan.uniforms[lo:hi], image_hw[:, 0].to(dtype),
                              image_hw[:, 1].to(dtype), self.renderer.consts)
         images = self.images.pixels.index_select(0, info[:, 1])
-        view1, view2 = self.renderer(images, params, image_hw.to(dtype), stored_hw.to(dtype))
-        return {"view1": view1, "view2": view2, "boxes": params.boxes.to(torch.float32),
-                "flips": params.flips, "image_size": image_hw.contiguous(),
-                "label": info[:, 2].contiguous(), "index": info[:, 0].contiguous(),
-                "skipped_files": list(skipped_files),
-                "epoch": plan.epoch, "batch_index": batch_index}
+        views = self.renderer(images, params, image_hw.to(dtype), stored_hw.to(dtype))
+        index = info[:, 0].contiguous()
+        batch = Batch({"view1": views[0], "view2": views[1]} if not self.multicrop else
+                      {"crops": list(views), "view1": views[0], "view2": views[1]})
+        batch.update({"boxes": params.boxes.to(torch.float32),
+                      "flips": params.flips, "image_size": image_hw.contiguous(),
+                      "label": info[:, 2].contiguous(), "index": index,
+                      "skipped_files": list(skipped_files),
+                      "epoch": plan.epoch, "batch_index": batch_index})
+        if self.proposals is not None:   # on the device, no host sync
+            batch["proposals"], batch["proposal_visible"] = proposals_in_views(
+                *self.proposals, index, batch["boxes"], params.flips, self.renderer.sizes)
+        return batch
 
     def _check_start(self, start_batch: int):
         if not 0 <= start_batch <= self.batches_per_epoch:

@@ -40,11 +40,35 @@ from engine.presets import ConfigError, PretrainConfig
 
 
 @dataclass(frozen=True)
+class CropSpec:
+    """`count` crops of `size` pixels, RandomResizedCrop area fraction in `scale`."""
+    count: int
+    size: int
+    scale: tuple[float, float]
+
+
+@dataclass(frozen=True)
 class ViewSpec:
-    """The views a method asks the loader for. Every method so far takes two views of the same
-    image with their crop geometry (boxes, flips, image size)."""
+    """The views a method asks the loader for, every one with its crop geometry (boxes, flips,
+    image size).
+
+    crops: () is the two-view default (two crops at cfg.img_size with the recipe's scale);
+           a multi-crop list, e.g. SwAV's (CropSpec(2, 224, (0.14, 1)), CropSpec(6, 96,
+           (0.05, 0.14))), gives batch["crops"] (one tensor per crop, large crops first),
+           boxes (B, V, 4) and flips (B, V); view1/view2 stay the first two crops.
+    proposals: P > 0 asks for each image's top-P cached selective-search boxes
+           (python -m engine.proposals) mapped into every view: batch["proposals"] (B, V, P, 4)
+           x1 y1 x2 y2 in view pixels, clipped, and batch["proposal_visible"] (B, V, P), the
+           fraction of each box inside the view (0 for padding).
+    """
     count: int = 2
     geometry: bool = True
+    crops: tuple[CropSpec, ...] = ()
+    proposals: int = 0
+
+    def __post_init__(self):
+        if self.crops:
+            object.__setattr__(self, "count", sum(c.count for c in self.crops))
 
 
 @dataclass
@@ -213,10 +237,15 @@ def _coerce(method: str, key: str, value, spec: dataclasses.Field):
             raise ValueError(value)
         if kind is int and isinstance(value, float) and value.is_integer():
             return int(value)
+        if kind is tuple:   # "0.14,1" from the CLI; a list from a stored config
+            parts = value.split(",") if isinstance(value, str) else list(value)
+            if len(parts) != len(default):
+                raise ValueError(value)
+            return tuple(type(d)(p) for d, p in zip(default, parts))
         return kind(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--method-arg {key}={value!r} for method {method}: expected "
                           f"{kind.__name__}") from exc
 
 
-__all__ = ["Method", "StepContext", "ViewSpec"]
+__all__ = ["CropSpec", "Method", "StepContext", "ViewSpec"]
