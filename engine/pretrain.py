@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-activations", action="store_true",
                         help="recompute each ViT block in the backward pass instead of keeping "
                              "its activations (less memory, about one more forward)")
+    parser.add_argument("--proposals", default=None, metavar="FILE",
+                        help="the selective-search cache for methods that use region proposals "
+                             "(CCOP); default: the one python -m engine.proposals --data DIR "
+                             "wrote in DIR")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard parameters, gradients and optimiser state "
                              "over the ranks (PyTorch FSDP2, one unit per block) instead of "
@@ -223,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                          compile=args.compile, keep=args.keep,
                          max_bad_steps=args.max_bad_steps, on_bad_steps=args.on_bad_steps,
                          checkpoint_activations=args.checkpoint_activations, fsdp=args.fsdp,
+                         proposals=args.proposals,
                          eval_data=parse_eval_data(args.eval_data),
                          resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,
                          resume_overrides={k: v for k, v in overrides.items() if v is not None})

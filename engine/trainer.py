@@ -73,6 +73,9 @@ class RunOptions:
     checkpoint_activations: bool = False
     # --fsdp: shard parameters, gradients and optimiser state over the ranks (engine/sharding.py)
     fsdp: bool = False
+    # --proposals FILE: the selective-search cache for methods that ask for proposals (CCOP);
+    # None: the default cache of the data folder (python -m engine.proposals --data DIR)
+    proposals: str | None = None
     # Steps with a non-finite loss/gradient are skipped; after this many in a row (seen at the
     # next log step) the run stops ("stop"), says so and goes on ("continue"), or goes back to
     # the newest checkpoint from before the streak with the data stream left where it is
@@ -138,15 +141,51 @@ def seed_everything(seed: int) -> None:
 
 
 def build_loader(cfg: PretrainConfig, data: str | None, device: torch.device,
-                 group: ProcessGroupInfo, fused: bool = True):
-    """The run's two-view loader (engine/loaders.py picks it) and its one-line description."""
-    loader, message = choose_loader(cfg, data, device, group.rank, group.world_size, fused)
+                 group: ProcessGroupInfo, fused: bool = True, views=None, proposals=None):
+    """The run's loader (engine/loaders.py picks it) for the method's views, and its one-line
+    description."""
+    loader, message = choose_loader(cfg, data, device, group.rank, group.world_size, fused,
+                                    views=views, proposals=proposals)
     if loader.batches_per_epoch < cfg.accum:
         raise RunError(f"an optimiser step needs {cfg.effective_batch * group.world_size} images "
                        f"(--batch-size {cfg.batch_size} × --accum {cfg.accum}"
                        + (f" × {group.world_size} ranks" if group.active else "")
                        + f") but the data has {loader.num_images}: lower --batch-size or --accum")
     return loader, message
+
+
+def load_run_proposals(data: str | None, cache_file: str | None, top: int,
+                       method: str) -> tuple[tuple[torch.Tensor, torch.Tensor], str]:
+    """((boxes (N, top, 4), counts (N,)), one log line) from the selective-search cache of the
+    run's images (python -m engine.proposals). The embedded sample photos get theirs computed
+    once into ~/.cache/densesim (a few seconds); any other folder must have been run through
+    engine.proposals first (a one-line error says how)."""
+    import os
+
+    from pipelines.datasets import resolve_source
+    from pipelines.proposals import default_cache_path, describe_missing, load_proposals
+
+    dataset = resolve_source(data)
+    if cache_file is None:
+        cache_file = default_cache_path(dataset.root)
+        if data is None:
+            cache_file = os.path.join(os.path.expanduser("~"), ".cache", "densesim",
+                                      "sample-photos-proposals.bin")
+            if not os.path.isfile(cache_file):
+                from engine.proposals import main as compute_proposals
+                os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+                if compute_proposals(["--data", dataset.root, "--out", cache_file, "--quiet"]):
+                    raise RunError(f"could not compute proposals for the sample photos into "
+                                   f"{cache_file}")
+    if not os.path.isfile(cache_file):
+        raise RunError(f"method {method} needs region proposals and {cache_file} does not exist: "
+                       f"run python -m engine.proposals --data {data or dataset.root} first "
+                       f"(or pass --proposals FILE)")
+    boxes, counts, missing = load_proposals(cache_file, dataset, top)
+    if len(missing) == len(dataset.paths):
+        raise RunError(f"no image of {dataset.root} has cached proposals in {cache_file}: rerun "
+                       f"python -m engine.proposals --data {data or dataset.root}")
+    return (boxes, counts), describe_missing(missing, len(dataset.paths), cache_file)
 
 
 def wrap_data_parallel(model: Method, device: torch.device, group: ProcessGroupInfo):
@@ -326,7 +365,16 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     amp_dtype = autocast_dtype(cfg, device)
     seed_everything(cfg.seed + group.rank)
 
-    loader, loader_message = build_loader(cfg, run.data, device, group, run.fused)
+    # The method first (it says which views the loader makes); the loader never touches the
+    # global RNGs, so building it after the networks draws the same weights as before.
+    model = build_method(cfg)
+    views = model.views
+    proposals = None
+    if views.proposals:
+        proposals, note = load_run_proposals(run.data, run.proposals, views.proposals, cfg.method)
+        log(note, quiet)
+    loader, loader_message = build_loader(cfg, run.data, device, group, run.fused, views,
+                                          proposals)
     log(loader_message, quiet)
     steps_per_epoch = loader.batches_per_epoch // cfg.accum
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -338,11 +386,6 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
                 "min_lr": cfg.min_lr, "base_momentum": cfg.momentum,
                 "ema_schedule": cfg.ema_schedule, "world_size": group.world_size}
 
-    model = build_method(cfg)
-    if model.views.count != 2:
-        # the loaders (torch, DALI, resident) give two views, each with its crop geometry
-        raise RunError(f"method {cfg.method} asks for {model.views}, which the two-view loaders "
-                       f"cannot give")
     # SyncBatchNorm where the method's paper used it (it runs on CUDA only); MoCo-style methods
     # shuffle the keys' batch instead.
     if group.active and device.type == "cuda" and model.sync_batchnorm:

@@ -26,6 +26,12 @@ SMALL_ARGS = {
     "densesiam": ["global_dim=32", "global_pred_hidden=8", "dense_hidden=32", "dense_dim=16",
                   "dense_pred_hidden=8", "regions=4"],
     "lcloss": ["hidden=64", "dim=16", "dense_hidden=32", "dense_dim=16"],
+    "swav": ["prototypes=32", "hidden=64", "dim=16"],
+    "regioncl": ["queue_length=64", "hidden=64", "dim=16"],
+    "detco": ["queue_length=64", "hidden=64", "dim=16"],
+    "ccop": ["queue_length=64", "hidden=64", "dim=16", "fpn_channels=16", "max_boxes=8"],
+    "scfs": ["dim=64", "hidden=32", "bottleneck=16", "layer_dim=16", "layer_hidden=24",
+             "layer_bottleneck=8"],
 }
 
 
@@ -112,7 +118,7 @@ def test_every_method_keeps_its_backbone_under_encoder(method):
     model = build_method(tiny(method))
     names = {name.split(".")[0] for name, _ in model.named_parameters()}
     assert "encoder" in names
-    has_target = method != "densesiam"
+    has_target = method not in ("densesiam", "swav")     # SimSiam / SwAV: no momentum target
     assert ("target_encoder" in names) == has_target
     # EMA targets are never trained by the optimiser
     for name, p in model.named_parameters():
@@ -163,6 +169,36 @@ def test_published_presets_hold_the_papers_recipes():
     hyper = build_method_hyper("pixpro")
     assert (hyper.gamma, hyper.threshold, hyper.transform_layers, hyper.instance_weight) == \
         (2.0, 0.7, 1, 0.0)
+    # SwAV 800 ep: 64 x 64, LARC around SGD, 0.3 per 256 (4.8 at 4096), wd 1e-6, 10 warm-up
+    # epochs, cosine to 0.0048; 3000 prototypes, eps 0.05, 3 iterations, tau 0.1, 2x224 + 6x96.
+    swav = r50["swav-r50"]
+    assert (swav.optimizer, swav.blr, swav.weight_decay, swav.batch_size, swav.epochs,
+            swav.warmup_epochs, swav.min_lr, swav.augmentation) == \
+        ("lars", 0.3, 1e-6, 64, 800, 10, 0.0048, "swav")
+    model = build_method(swav)
+    h = model.hyper
+    assert (h.prototypes, h.epsilon, h.sinkhorn_iterations, h.temperature, h.queue_length,
+            h.freeze_prototypes_steps) == (3000, 0.05, 3, 0.1, 0, 313)
+    assert [(c.count, c.size, c.scale) for c in model.views.crops] == \
+        [(2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14))]
+    # RegionCL-M: 8 x 128, SGD 0.15 at 1024, tau 0.2, 65,536 keys, boxes 3..5 cells of 7
+    rcl = r50["regioncl-r50"]
+    assert (rcl.optimizer, rcl.blr * 1024 / 256, rcl.batch_size, rcl.epochs, rcl.momentum) == \
+        ("sgd", 0.15, 128, 200, 0.999)
+    h = build_method_hyper("regioncl")
+    assert (h.temperature, h.queue_length, h.cut_lower, h.cut_upper) == (0.2, 65536, 3, 6)
+    # CCOP: 8 x 32, SGD 0.3 per 256, 10 warm-up epochs, 800 epochs, crops (0.1, 1), 100 boxes
+    ccop = r50["ccop-r50"]
+    assert (ccop.blr, ccop.warmup_epochs, ccop.epochs, ccop.crop_scale, ccop.momentum) == \
+        (0.3, 10, 800, (0.1, 1.0), 0.999)
+    h = build_method_hyper("ccop")
+    assert (h.max_boxes, h.jitters, h.margin, h.iou_thr, h.temperature) == \
+        (100, 10, 0.4, (0.8, 0.4), 0.2)
+    assert r50["detco-r50"].blr == 0.03 and build_method_hyper("detco").level_weights == \
+        (0.1, 0.4, 0.7, 1.0)
+    scfs = r50["scfs-r50"]
+    assert (scfs.optimizer, scfs.blr, scfs.momentum, scfs.ema_schedule) == \
+        ("sgd", 0.1, 0.996, "cosine")
 
 
 def build_method_hyper(method: str):

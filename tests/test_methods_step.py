@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.methods import StepContext, build_method
+from engine.loaders import build_augment
 from engine.presets import PretrainConfig, preset_config
 from engine.trainer import StepSession, make_optimizer, optimisation_step
 from pipelines.augment import augment_recipe
@@ -23,6 +24,11 @@ SMALL = {
     "densesiam": dict(global_dim=32, global_pred_hidden=8, dense_hidden=32, dense_dim=16,
                       dense_pred_hidden=8, regions=4),
     "lcloss": dict(hidden=32, dim=16, dense_hidden=32, dense_dim=16),
+    "swav": dict(prototypes=16, hidden=32, dim=16, freeze_prototypes_steps=0),
+    "regioncl": dict(queue_length=32, hidden=32, dim=16),
+    "detco": dict(queue_length=32, hidden=32, dim=16),
+    "scfs": dict(dim=64, hidden=32, bottleneck=16, layer_dim=16, layer_hidden=24,
+                 layer_bottleneck=8),
 }
 REFERENCE = {op: "reference" for op in ("patch_gather", "relpos_embed", "unigrad_loss",
                                          "dense_match", "pixpro_loss", "queue_infonce",
@@ -37,9 +43,16 @@ def config(method: str, batch_size: int) -> PretrainConfig:
     return PretrainConfig.from_dict(values).validate()
 
 
-def photo_batches(batch_size: int, count: int, recipe: str) -> list[dict]:
-    loader = TwoViewLoader(sample_photos(), augment_recipe(recipe, 32, blur=False),
-                           batch_size=batch_size, workers=0, seed=1)
+def photo_batches(batch_size: int, count: int, recipe: str, method: str | None = None
+                  ) -> list[dict]:
+    """Batches of the embedded photos as the method's views ask (multi-crop for SwAV)."""
+    augment = augment_recipe(recipe, 32, blur=False)
+    if method is not None:
+        cfg = config(method, batch_size)
+        views = build_method(cfg).views
+        if views.crops:
+            augment = build_augment(cfg, views)
+    loader = TwoViewLoader(sample_photos(), augment, batch_size=batch_size, workers=0, seed=1)
     return list(loader.epoch_batches(0))[:count]
 
 
@@ -105,7 +118,7 @@ def test_step_gradient_is_the_mean_of_the_micro_batch_gradients(method):
     each micro-batch's own gradient, computed with the same targets and the same queue — the loss
     is divided by the number of micro-batches, and nothing is enqueued between them."""
     recipe = preset_config(f"{method}-demo-cpu").augmentation
-    batches = photo_batches(4, 2, recipe)
+    batches = photo_batches(4, 2, recipe, method)
     s = session(method, 4)
     before = copy.deepcopy(s.method.state_dict())
     loss, grads, figures = step_gradients(s, batches, step=0)

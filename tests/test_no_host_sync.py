@@ -24,6 +24,7 @@ import torch
 
 from engine.fused import FUSED_OPS
 from engine.methods import build_method
+from engine.loaders import build_augment
 from engine.presets import PretrainConfig, preset_config
 from engine.trainer import StepSession, make_optimizer, optimisation_step
 from pipelines.augment import augment_recipe
@@ -40,6 +41,12 @@ SMALL = {
     "densesiam": dict(global_dim=32, global_pred_hidden=8, dense_hidden=32, dense_dim=16,
                       dense_pred_hidden=8, regions=4),
     "lcloss": dict(hidden=32, dim=16, dense_hidden=32, dense_dim=16),
+    "swav": dict(prototypes=16, hidden=32, dim=16, queue_length=16, queue_start_step=0,
+                 freeze_prototypes_steps=0),
+    "regioncl": dict(queue_length=32, hidden=32, dim=16),
+    "detco": dict(queue_length=32, hidden=32, dim=16),
+    "scfs": dict(dim=64, hidden=32, bottleneck=16, layer_dim=16, layer_hidden=24,
+                 layer_bottleneck=8),
 }
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -68,7 +75,11 @@ def session(cfg: PretrainConfig, backend: str) -> StepSession:
 
 def step_batches(cfg: PretrainConfig, count: int) -> list[dict]:
     recipe = "sim" if cfg.method == "sim" else "mocov2"
-    loader = TwoViewLoader(sample_photos(), augment_recipe(recipe, cfg.img_size, blur=False),
+    augment = augment_recipe(recipe, cfg.img_size, blur=False)
+    views = build_method(cfg).views
+    if views.crops:                     # multi-crop (SwAV), as the trainer's loader makes them
+        augment = build_augment(cfg, views)
+    loader = TwoViewLoader(sample_photos(), augment,
                            batch_size=cfg.batch_size, workers=0, seed=2)
     batches = list(loader.epoch_batches(0))[:count]
     if DEVICE.type == "cuda":  # as the device-resident loader gives them: everything on the GPU

@@ -6,6 +6,11 @@
     pixpro     PixPro (Xie et al., CVPR 2021): pixel propagation, geometric positive pairs
     densesiam  DenseSiam (Zhang et al., ECCV 2022): SimSiam on pixels and regions of the overlap
     lcloss     LC-loss (Islam et al., WACV 2023): BYOL + pixel InfoNCE at exact correspondences
+    swav       SwAV (Caron et al., NeurIPS 2020): multi-crop swapped prediction of Sinkhorn codes
+    regioncl   RegionCL-M (Xu et al., 2021): MoCo v2 + region swapping, canvas and paste contrast
+    detco      DetCo (Xie et al., ICCV 2021): multi-level global/local (3x3 jigsaw) contrast
+    ccop       CCOP (Yang et al., 2021): R50-FPN RoI contrast on selective-search boxes
+    scfs       SCFS (Song et al., ICCV 2023): semantics-consistent feature search
 
 Each module defines one `Method` subclass (engine/methods/base.py has the contract); the modules
 are imported on first use, so listing the methods costs nothing.
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-from engine.methods.base import Method, StepContext, ViewSpec
+from engine.methods.base import CropSpec, Method, StepContext, ViewSpec
 from engine.presets import ConfigError, PretrainConfig
 
 METHODS = {
@@ -24,6 +29,11 @@ METHODS = {
     "pixpro": ("engine.methods.pixpro", "PixPro"),
     "densesiam": ("engine.methods.densesiam", "DenseSiam"),
     "lcloss": ("engine.methods.lcloss", "LCLoss"),
+    "swav": ("engine.methods.swav", "SwAV"),
+    "regioncl": ("engine.methods.regioncl", "RegionCL"),
+    "detco": ("engine.methods.detco", "DetCo"),
+    "ccop": ("engine.methods.ccop", "CCOP"),
+    "scfs": ("engine.methods.scfs", "SCFS"),
 }
 
 
@@ -44,5 +54,5 @@ def check_method_config(cfg: PretrainConfig) -> None:
     method_class(cfg.method).check_config(cfg)
 
 
-__all__ = ["METHODS", "Method", "StepContext", "ViewSpec", "build_method", "check_method_config",
+__all__ = ["METHODS", "CropSpec", "Method", "StepContext", "ViewSpec", "build_method", "check_method_config",
            "method_class"]
