@@ -40,7 +40,7 @@ def run(args: list[str], cwd: Path) -> None:
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def same_state(left: Path, right: Path) -> None:
+def same_state(left: Path, right: Path, steps: int = 4) -> None:
     first = torch.load(left / "checkpoint.pt", weights_only=False)
     second = torch.load(right / "checkpoint.pt", weights_only=False)
     assert first["model"].keys() == second["model"].keys()
@@ -48,7 +48,7 @@ def same_state(left: Path, right: Path) -> None:
         torch.testing.assert_close(second["model"][name], value, rtol=0, atol=1e-5, msg=name)
     losses = [[json.loads(line)["loss"] for line in (folder / "metrics.jsonl")
                .read_text().splitlines()] for folder in (left, right)]
-    assert len(losses[0]) == 4
+    assert len(losses[0]) == steps
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5,
                                atol=0)
 
@@ -62,6 +62,19 @@ def test_two_ranks_with_half_the_batch_equal_one_process(tmp_path):
         tmp_path)
     same_state(tmp_path / "one", tmp_path / "two")
     same_state(tmp_path / "one", tmp_path / "sharded")
+
+
+def test_detco_two_ranks_equal_one_process(tmp_path):
+    """DetCo (issue 12): 12 InfoNCE terms against 8 queues, every key all-gathered before its
+    enqueue; on the ViT (no BatchNorm anywhere) two ranks with half the batch end where one
+    process does."""
+    detco = ["-m", "engine.pretrain", "--method", "detco", "--backbone", "vit", "--device", "cpu",
+             "--no-fused", "--steps", "3", "--workers", "0", "--log-every", "1",
+             "--method-arg", "queue_length=32", "--method-arg", "hidden=32",
+             "--method-arg", "dim=16"]
+    run([*detco, "--batch-size", "8", "--out", str(tmp_path / "one")], tmp_path)
+    run([*TORCHRUN, *detco, "--batch-size", "4", "--out", str(tmp_path / "two")], tmp_path)
+    same_state(tmp_path / "one", tmp_path / "two", steps=3)
 
 
 def test_fsdp_sim_equals_ddp_and_resumes(tmp_path):

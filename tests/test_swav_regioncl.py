@@ -241,3 +241,49 @@ def test_regioncl_enqueues_only_the_keys_and_only_if_ok():
     model.after_step(StepContext(step=0, ok=torch.tensor(True)))
     assert int(model.queue.ptr) == 4 and not torch.equal(model.queue.keys[:4], before[:4])
     assert torch.equal(model.queue.keys[4:], before[4:])
+
+
+# ------------------------------------------------------------------ SwAV across two gloo ranks
+def _swav_rank(rank, world_size, port, state, crops, result_dir):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model = build_method(tiny("swav", prototypes=24, freeze_prototypes_steps=0))
+        model.load_state_dict(state)
+        model.eval()                          # BatchNorm per image: the split cannot matter
+        mine = [c.chunk(world_size)[rank] for c in crops]
+        loss, _ = model({"crops": mine}, StepContext(step=3, rank=rank, world_size=world_size))
+        torch.save(loss.detach(), f"{result_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_swav_codes_are_balanced_over_every_rank(tmp_path):
+    """Sinkhorn's sums are all-reduced inside kernels.sinkhorn: the mean of two ranks' losses on
+    half the batch each is the one-process loss on the whole batch (BatchNorm in eval mode, so
+    only the all-reduce can make them equal) -- and differs from two independent halves."""
+    import socket
+
+    from tests.spawn import spawn_ranks
+
+    torch.manual_seed(5)
+    model = build_method(tiny("swav", prototypes=24, freeze_prototypes_steps=0))
+    model.before_step(0.0)
+    model.eval()
+    crops = multicrop(8, 32, model.small_size)
+    whole, _ = model({"crops": crops}, StepContext(step=3))
+    halves = [model({"crops": [c.chunk(2)[r] for c in crops]}, StepContext(step=3))[0]
+              for r in range(2)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spawn_ranks(_swav_rank, (2, port, model.state_dict(), crops, str(tmp_path)), 2, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.testing.assert_close((ranks[0] + ranks[1]) / 2, whole.detach(), rtol=1e-5, atol=1e-6)
+    assert abs(float((sum(halves) / 2 - whole).detach())) > 1e-4   # no all-reduce: different
