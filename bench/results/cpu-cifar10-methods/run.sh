@@ -25,12 +25,19 @@ evaluate() {  # evaluate NAME CHECKPOINT_ARGS...
     --workers 2 --quiet --out "$HERE/eval_correspondence_${name}.json"
 }
 
-for method in ${METHODS:-mocov2 densecl pixpro densesiam lcloss sim}; do
+for method in ${METHODS:-mocov2 densecl pixpro densesiam lcloss sim swav regioncl detco scfs ccop}; do
   preset=$method-r18-cifar-cpu
   [ "$method" = sim ] && preset=sim-demo-cifar-cpu
+  extra=()
+  if [ "$method" = ccop ]; then   # selective search once, on the 32 px images as they are
+    python -m engine.proposals --data "$DATA/train" --size 0 --out "$WORK/proposals-train.bin" \
+      --quiet
+    extra=(--proposals "$WORK/proposals-train.bin")
+  fi
   if [ ! -f "$WORK/$method/checkpoint.pt" ]; then
     /usr/bin/time -f "%e s wall" python -m engine.pretrain --preset "$preset" --data "$DATA/train" \
-      --out "$WORK/$method" --no-fused 2>&1 | tr '\r' '\n' | grep -v '^\[' > "$HERE/train_$method.log"
+      --out "$WORK/$method" --no-fused "${extra[@]}" 2>&1 | tr '\r' '\n' | grep -v '^\[' \
+      > "$HERE/train_$method.log"
   fi
   cp "$WORK/$method/metrics.jsonl" "$HERE/metrics_$method.jsonl"
   cp "$WORK/$method/config.json" "$HERE/config_$method.json"
