@@ -51,17 +51,18 @@ import pytest
 import torch
 
 from engine.fused import choose_kernels
+from engine.loaders import build_augment
 from engine.methods import build_method
 from engine.methods.sim import SIM
 from engine.presets import preset_config
 from engine.stage_timer import StageTimer
+from engine.trainer import load_run_proposals
 from engine.trainer import (
     StepSession,
     autocast_dtype,
     make_optimizer,
     optimisation_step,
 )
-from pipelines.augment import augment_recipe
 from pipelines.datasets import ImageFolder, sample_photos
 from pipelines.torch_loader import TwoViewLoader
 
@@ -93,10 +94,15 @@ def make_loader(cfg, device: torch.device) -> tuple[TwoViewLoader, dict]:
         dataset = Repeated(dataset, cfg.batch_size)
     workers = int(os.environ.get("DENSESIM_BENCH_WORKERS", cfg.workers))
     workers = min(workers, os.cpu_count() or 1)
-    augment = augment_recipe(cfg.augmentation, cfg.img_size, scale=cfg.crop_scale,
-                             ratio=cfg.crop_ratio, blur=cfg.blur, interpolation=cfg.interpolation)
+    views = views_of(cfg)
+    augment = build_augment(cfg, views)           # multi-crop for SwAV
+    proposals = None
+    if views.proposals:                           # CCOP: the cached selective-search boxes
+        (boxes, counts), _ = load_run_proposals(folder, None, views.proposals, cfg.method)
+        index = torch.arange(len(dataset)) % len(boxes)
+        proposals = (boxes[index], counts[index])
     loader = TwoViewLoader(dataset, augment, batch_size=cfg.batch_size, workers=workers,
-                           seed=cfg.seed, pin_memory=device.type == "cuda")
+                           seed=cfg.seed, pin_memory=device.type == "cuda", proposals=proposals)
     return loader, {"loader": "torch (pipelines.torch_loader.TwoViewLoader, Pillow workers)",
                     "data": source, "workers": workers}
 
@@ -107,8 +113,17 @@ def device_batch(cfg, device: torch.device) -> tuple[dict, dict]:
     stream = loader.stream()
     batch = next(stream)
     stream.close()                # no idle workers prefetching beside the timed steps
-    return ({k: v.to(device) if k in ("view1", "view2") else v for k, v in batch.items()},
-            data_info)
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if "crops" in batch:      # multi-crop: view1/view2 are its first two crops
+        moved["crops"] = [c.to(device) for c in batch["crops"]]
+        moved["view1"], moved["view2"] = moved["crops"][0], moved["crops"][1]
+    return moved, data_info
+
+
+def views_of(cfg):
+    """The views cfg's method asks the loader for (built on the meta device: no weights)."""
+    with torch.device("meta"):
+        return build_method(cfg).views
 
 
 def device_batch_step(session, batch: dict, momentum: float, sync, cuda_graphs: bool = False):
@@ -276,7 +291,8 @@ def test_stage_hook_changes_nothing():
         StageTimer("cpu")("ema")
 
 
-DENSE_METHODS = ("mocov2", "densecl", "pixpro", "densesiam", "lcloss")
+DENSE_METHODS = ("mocov2", "densecl", "pixpro", "densesiam", "lcloss", "swav", "regioncl", "detco",
+                 "ccop", "scfs")
 CPU_METHOD_BATCH = 16
 
 
