@@ -171,7 +171,10 @@ def load_run_proposals(data: str | None, cache_file: str | None, top: int,
         if data is None:
             cache_file = os.path.join(os.path.expanduser("~"), ".cache", "densesim",
                                       "sample-photos-proposals.bin")
-            if not os.path.isfile(cache_file):
+            # computed once; brought up to date (hashes only, nothing recomputed) when this
+            # checkout's copies of the photos are not the ones it recorded (another clone)
+            fresh = os.path.isfile(cache_file) and not load_proposals(cache_file, dataset, top)[2]
+            if not fresh:
                 from engine.proposals import main as compute_proposals
                 os.makedirs(os.path.dirname(cache_file), exist_ok=True)
                 if compute_proposals(["--data", dataset.root, "--out", cache_file, "--quiet"]):
