@@ -9,8 +9,7 @@ writes logs, metrics and checkpoints.
 from __future__ import annotations
 
 import os
-import sys
-import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,22 +66,20 @@ def mean_over_ranks(value: torch.Tensor, group: ProcessGroupInfo) -> torch.Tenso
     return value / group.world_size
 
 
-def shutdown(group: ProcessGroupInfo, timeout_s: float = 30.0) -> None:
+def shutdown(group: ProcessGroupInfo) -> None:
     """Leave the process group together: without the barrier a rank that finished first (the
     others skip rank 0's checkpoint and plot) tore its gloo connections down while rank 0 still
     used them, and aborted at exit ("terminate called without an active exception") now and then
-    on a loaded 2-core CI machine. After the barrier every rank's work is saved; gloo's teardown
-    itself has also been seen to hang (about one run in 15 on a loaded 2-core machine, in the
-    rank whose peer had already exited), so it runs in a daemon thread and a rank that is still
-    in it after `timeout_s` exits with status 0 (flushing its output first) instead of waiting."""
+    on a loaded 2-core CI machine.
+
+    The teardown could also deadlock (about one run in 15 on the loaded VM; py-spy): the main
+    thread, holding the GIL, destroyed the ProcessGroupGloo and joined its worker thread, while
+    that worker was still freeing a finished work whose tensors are Python objects -- which needs
+    the GIL. So the caller drops DDP (whose reducer holds the group) first, and after the barrier
+    the main thread sleeps briefly without the GIL so the workers free their finished works
+    before the group is destroyed."""
     if not (group.active and dist.is_initialized()):
         return
     dist.barrier()
-    leaving = threading.Thread(target=dist.destroy_process_group, daemon=True)
-    leaving.start()
-    leaving.join(timeout_s)
-    if leaving.is_alive():
-        print(f"rank {group.rank}: the process group's teardown did not finish in {timeout_s:.0f} "
-              f"s; exiting (everything was saved)", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(0)
+    time.sleep(0.2)
+    dist.destroy_process_group()

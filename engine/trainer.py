@@ -15,6 +15,7 @@ Learning rate and EMA momentum are functions of the step, so a resumed run conti
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import random
@@ -597,6 +598,10 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
     log(f"done: step {last_step}/{total_steps}; checkpoint {out / CHECKPOINT_NAME}, metrics "
         f"{out / 'metrics.jsonl'}" + (f", plot {curve}" if curve else "")
         + (f"; {len(skipped)} unreadable images skipped" if skipped else ""), quiet)
+    # DDP's reducer holds the process group: release it while the group is alive, or the group's
+    # last reference goes with this frame and its teardown can deadlock (engine/distributed.py)
+    session = online = None
+    gc.collect()
     shutdown(group)
     return {"out": out, "step": last_step, "total_steps": total_steps, "model": model,
             "knn": last_eval, "stopped_by": stop.name,
