@@ -66,6 +66,10 @@ IMPLEMENTATIONS = {"reference": pixel_propagation_reference, "op_reference": ref
     (2, 11, 6, 7, 1.7),      # a general power
 ])
 def test_forward_and_gradients_match_pixpro_float64(impl, batch, tokens, channels, value_channels, gamma):
+    # seeded per case: with γ < 1 the gradient is steep near cos = 0, and one draw in a few hundred
+    # (whatever the global RNG held, i.e. the test order) put a cosine close enough to 0 for fp32
+    # rounding to exceed the 5e-4 tolerance (seen once in a full-suite run)
+    torch.manual_seed(batch * 1000 + tokens * 10 + channels)
     x = torch.randn(batch, tokens, channels) * 3
     value = F.normalize(torch.randn(batch, tokens, value_channels), dim=-1)
     grad_y = torch.randn(batch, tokens, value_channels)
