@@ -128,3 +128,61 @@ def test_queue_infonce(benchmark, record_rate, device_ceilings, bench_device, sy
             device=str(bench_device), peak_extra_bytes=peak, logits_bytes_fp32=logits_bytes,
             peak_extra_over_logits=peak / logits_bytes if peak is not None else None)
     record_host_overhead(benchmark, call, bench_device)
+
+
+# DetCo: twelve terms per step -- (global, local, local-to-global) x 4 levels -- of M = batch rows
+# against 8 queues of 65,536 keys. `loop`: twelve queue_infonce calls (each launch has only
+# cdiv(M, BLOCK_M) row blocks x its queue split); `grouped`: queue_infonce_grouped, one forward and
+# one backward launch over all twelve; `reference`: the grouped reference (eager, G x M x K
+# logits). On CPU: the reference at 8 rows and 2,048 keys per queue only.
+DETCO_INDEX = [*range(4), *range(4, 8), *range(4)]
+
+
+@pytest.mark.benchmark(group="queue_infonce_grouped")
+@pytest.mark.parametrize("variant", ["reference", "loop", "grouped"])
+@pytest.mark.parametrize("batch", [32, 256])
+def test_queue_infonce_detco_terms(benchmark, record_rate, device_ceilings, bench_device, sync,
+                                   batch, variant):
+    from kernels import queue_infonce_grouped, queue_infonce_grouped_reference
+
+    cuda = bench_device.type == "cuda"
+    if not cuda and variant != "reference":
+        pytest.skip("the Triton kernels run compiled only on a CUDA device")
+    if not cuda and batch != 32:
+        pytest.skip("one CPU size")
+    rows, keys = (batch, KEYS) if cuda else (8, 2048)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=bench_device).manual_seed(0)
+    query = F.normalize(torch.randn(12, rows, DIM, generator=g, device=bench_device), dim=2)
+    positive = F.normalize(query + 0.7 * torch.randn(12, rows, DIM, generator=g,
+                                                     device=bench_device), dim=2)
+    bank = F.normalize(torch.randn(8, keys, DIM, generator=g, device=bench_device), dim=2)
+    query, positive, bank = query.to(dtype).requires_grad_(), positive.to(dtype), bank.to(dtype)
+
+    def loss_fn():
+        if variant == "reference":
+            return queue_infonce_grouped_reference(query, positive, bank, DETCO_INDEX,
+                                                   TEMPERATURE).sum()
+        if variant == "grouped":
+            return queue_infonce_grouped(query, positive, bank, DETCO_INDEX, TEMPERATURE,
+                                         backend="triton").sum()
+        return sum(queue_infonce(query[t], positive[t], bank[i], TEMPERATURE, backend="triton")
+                   for t, i in enumerate(DETCO_INDEX))
+
+    def forward_backward():
+        query.grad = None
+        loss = loss_fn()
+        loss.backward()
+        sync()
+        return loss
+
+    forward_backward()
+    loss = benchmark(forward_backward)
+    expected = queue_infonce_grouped_reference(query.detach().float(), positive.float(),
+                                               bank.float(), DETCO_INDEX, TEMPERATURE).sum()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-3, atol=1e-3)
+    _record(benchmark, record_rate, device_ceilings,
+            op_bytes=query.element_size() * (12 * 5 * rows * DIM + 2 * 12 * keys * DIM),
+            op_flops=12 * 6 * rows * keys * DIM, batch=batch if cuda else None, rows=rows,
+            keys=keys, dim=DIM, terms=12, queues=8, dtype=str(dtype).removeprefix("torch."),
+            variant=variant, mode="fwd_bwd", device=str(bench_device))

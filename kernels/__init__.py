@@ -34,6 +34,8 @@ from .patch_gather import (
 from .pixel_propagation import pixel_propagation, pixel_propagation_reference
 from .queue_infonce import (
     queue_infonce,
+    queue_infonce_grouped,
+    queue_infonce_grouped_reference,
     queue_infonce_reference,
 )
 from .relpos_embed import (
@@ -67,6 +69,8 @@ __all__ = [
     "pixpro_normalised_boxes",
     "pixpro_positive_mask",
     "queue_infonce",
+    "queue_infonce_grouped",
+    "queue_infonce_grouped_reference",
     "queue_infonce_reference",
     "relpos_coordinates",
     "relpos_embed",

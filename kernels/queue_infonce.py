@@ -1,6 +1,10 @@
 """MoCo-style queue InfoNCE (DENSE.md K1) without materialising the (M, K+1) logits.
 
 queue_infonce(query, positive, queue, temperature, backend="auto") -> 0-d fp32 tensor
+queue_infonce_grouped(query (G, M, D), positive (G, M, D), queues (Q, K, D), queue_index (G ints),
+                      temperature) -> (G,) fp32: G terms, each against its own queue of the bank,
+    in one forward and one backward launch (a third grid axis; densesim::queue_infonce_grouped).
+    The single op is the grouped launch with G = Q = 1.
 
 Shapes and dtypes
     query     (M, D)  the online embeddings, L2-normalised by the caller (the op does not normalise).
@@ -372,18 +376,22 @@ def _fp32_mma_dtypes(query_dtype, queue_dtype):
 
 
 def _launch_plan(phase, query, positive, queue):
-    """The launch plan of one pass for these tensors: a cached lookup (_cached_launch_plan) keyed on
-    plain Python values only -- the shapes, strides, dtypes, the device and the fp32 dot precision."""
+    """The launch plan of one pass for these tensors -- query, positive (G, M, D) and the queue
+    bank (Q, K, D) -- a cached lookup (_cached_launch_plan) keyed on plain Python values only: the
+    shapes, strides, dtypes, the device and the fp32 dot precision. 2-D tensors are one group."""
+    if query.dim() == 2:  # one group: query, positive (M, D), queue (K, D)
+        query, positive, queue = query[None], positive[None], queue[None]
     device = query.device
-    return _cached_launch_plan(phase, query.shape[0], queue.shape[0], query.shape[1],
-                               query.dtype, queue.dtype, tuple(query.stride()),
-                               tuple(positive.stride()), tuple(queue.stride()), device.type,
-                               device.index, _FP32_DOT_PRECISION)
+    return _cached_launch_plan(phase, query.shape[1], queue.shape[1], query.shape[2],
+                               query.dtype, queue.dtype, tuple(query.stride()[1:]),
+                               tuple(positive.stride()[1:]), tuple(queue.stride()[1:]),
+                               device.type, device.index, _FP32_DOT_PRECISION, query.shape[0])
 
 
 @functools.lru_cache(maxsize=512)
 def _cached_launch_plan(phase, rows, keys, dim, query_dtype, queue_dtype, query_strides,
-                        positive_strides, queue_strides, device_type, device_index, fp32_precision):
+                        positive_strides, queue_strides, device_type, device_index, fp32_precision,
+                        groups=1):
     """Block sizes, launch parameters and the queue split for one pass, made once per shape (the
     step's shapes repeat, so the Python work of a launch is a dict lookup). The plan is shared:
     read it, never modify it. _CONFIG is read when a plan is first made: after editing it, call
@@ -403,7 +411,8 @@ def _cached_launch_plan(phase, rows, keys, dim, query_dtype, queue_dtype, query_
     if interpret:
         splits = min(tiles, cfg["splits"])
     else:
-        splits = _queue_splits(row_blocks, tiles, _sm_count(torch.device(device_type, device_index)))
+        splits = _queue_splits(row_blocks * groups, tiles,
+                               _sm_count(torch.device(device_type, device_index)))
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)  # no empty split
     if not fp32:
@@ -498,14 +507,22 @@ if _TRITON_IMPORTABLE:
         return y
 
     @triton.jit
-    def _qi_forward_kernel(q_ptr, pos_ptr, queue_ptr, part_ptr, s0_ptr,
-                           n_rows, n_keys, dim, stride_qm, stride_qd, stride_pm, stride_pd,
-                           stride_kk, stride_kd, logit_scale2, tiles_per_split, n_splits,
+    def _qi_forward_kernel(q_ptr, pos_ptr, queue_ptr, queue_index_ptr, part_ptr, s0_ptr,
+                           n_rows, n_keys, dim, stride_qg, stride_qm, stride_qd, stride_pg,
+                           stride_pm, stride_pd, stride_kq, stride_kk, stride_kd, logit_scale2,
+                           tiles_per_split, n_splits,
                            FP32_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            OFFSETS_I64: tl.constexpr, INTERPRET: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """BLOCK_M query rows against one slice of the queue: the slice's logsumexp per row."""
+        """BLOCK_M query rows of group program_id(2) against one slice of that group's queue (bank
+        entry queue_index[group]): the slice's logsumexp per row."""
         split = tl.program_id(1)
+        group = tl.program_id(2).to(tl.int64)   # scalar int64 bases; offsets inside stay int32
+        q_ptr += group * stride_qg
+        pos_ptr += group * stride_pg
+        queue_ptr += tl.load(queue_index_ptr + group).to(tl.int64) * stride_kq
+        part_ptr += group * n_rows * n_splits
+        s0_ptr += group * n_rows
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         rows64 = _qi_index(rows, OFFSETS_I64)
@@ -543,15 +560,26 @@ if _TRITON_IMPORTABLE:
                  mask=row_mask)
 
     @triton.jit
-    def _qi_backward_kernel(q_ptr, pos_ptr, queue_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr, out_ptr,
-                            n_rows, n_keys, dim, stride_qm, stride_qd, stride_pm, stride_pd,
-                            stride_kk, stride_kd, stride_lse, stride_gl, stride_gs, logit_scale2,
-                            inv_temperature, tiles_per_split,
+    def _qi_backward_kernel(q_ptr, pos_ptr, queue_ptr, queue_index_ptr, lse_ptr, grad_loss_ptr,
+                            grad_lse_ptr, out_ptr, n_rows, n_keys, dim, stride_qg, stride_qm,
+                            stride_qd, stride_pg, stride_pm, stride_pd, stride_kq, stride_kk,
+                            stride_kd, stride_lse_g, stride_lse, stride_gl_g, stride_gl,
+                            stride_gs_g, stride_gs, logit_scale2, inv_temperature,
+                            tiles_per_split, n_splits,
                             FP32_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
                             OFFSETS_I64: tl.constexpr, INTERPRET: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """dq for BLOCK_M rows from one slice of the queue (plus the positive column in split 0)."""
+        """dq for BLOCK_M rows of group program_id(2) from one slice of its queue (plus the
+        positive column in split 0)."""
         split = tl.program_id(1)
+        group = tl.program_id(2).to(tl.int64)
+        q_ptr += group * stride_qg
+        pos_ptr += group * stride_pg
+        queue_ptr += tl.load(queue_index_ptr + group).to(tl.int64) * stride_kq
+        lse_ptr += group * stride_lse_g
+        grad_loss_ptr += group * stride_gl_g
+        grad_lse_ptr += group * stride_gs_g
+        out_ptr += group * n_splits * n_rows * dim   # (G, S, M, D) partials or (G, M, D)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         rows64 = _qi_index(rows, OFFSETS_I64)
@@ -605,43 +633,73 @@ if _TRITON_IMPORTABLE:
                      mask=tile_mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _index_tensor(index, device_type, device_index):
+    """The queue index of each group as a device int32 tensor, made once per (index, device): a
+    repeated step launches with no host-to-device copy."""
+    return torch.tensor(index, dtype=torch.int32, device=torch.device(device_type, device_index))
+
+
 def _triton_forward(query, positive, queue, temperature):
-    """(row_loss, lse), (M,) fp32 each, from the fused forward kernel; nothing of size M x K."""
-    rows, dim = query.shape
-    plan = _launch_plan("forward", query, positive, queue)
+    """(row_loss, lse), (M,) fp32 each: one group, the grouped launch with G = Q = 1."""
+    row_loss, lse = _triton_forward_grouped(
+        query[None], positive[None], queue[None],
+        _index_tensor((0,), query.device.type, query.device.index), temperature)
+    return row_loss[0], lse[0]
+
+
+def _triton_forward_grouped(query, positive, queues, queue_index, temperature):
+    """(row_loss, lse), (G, M) fp32 each, from one launch of the fused forward kernel over all G
+    groups (query, positive (G, M, D); queues (Q, K, D); queue_index (G,) int32 on the device);
+    nothing of size M x K."""
+    groups, rows, dim = query.shape
+    plan = _launch_plan("forward", query, positive, queues)
     splits = plan["splits"]
-    parts = _new_buffer((rows, splits) if splits > 1 else (rows,), torch.float32, query.device)
-    s0 = _new_buffer((rows,), torch.float32, query.device)
-    _qi_forward_kernel[(plan["row_blocks"], plan["splits"])](
-        query, positive, queue, parts, s0, rows, queue.shape[0], dim,
-        query.stride(0), query.stride(1), positive.stride(0), positive.stride(1),
-        queue.stride(0), queue.stride(1), _LOG2E / temperature, plan["tiles_per_split"],
-        splits, FP32_MMA=plan["fp32"], DOT_PRECISION=plan["precision"],
-        OFFSETS_I64=plan["offsets_i64"], INTERPRET=plan["interpret"], BLOCK_M=plan["block_m"],
-        BLOCK_K=plan["block_k"], BLOCK_D=plan["block_d"], num_warps=plan["num_warps"],
-        num_stages=plan["num_stages"])
-    lse = torch.logsumexp(parts, dim=1) if splits > 1 else parts
+    parts = _new_buffer((groups, rows, splits), torch.float32, query.device)
+    s0 = _new_buffer((groups, rows), torch.float32, query.device)
+    _qi_forward_kernel[(plan["row_blocks"], plan["splits"], groups)](
+        query, positive, queues, queue_index, parts, s0, rows, queues.shape[1], dim,
+        query.stride(0), query.stride(1), query.stride(2), positive.stride(0), positive.stride(1),
+        positive.stride(2), queues.stride(0), queues.stride(1), queues.stride(2),
+        _LOG2E / temperature, plan["tiles_per_split"], splits, FP32_MMA=plan["fp32"],
+        DOT_PRECISION=plan["precision"], OFFSETS_I64=plan["offsets_i64"],
+        INTERPRET=plan["interpret"], BLOCK_M=plan["block_m"], BLOCK_K=plan["block_k"],
+        BLOCK_D=plan["block_d"], num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+    lse = torch.logsumexp(parts, dim=2) if splits > 1 else parts[:, :, 0]
     return lse - s0 * (1.0 / temperature), lse
 
 
 def _triton_backward(query, positive, queue, lse, grad_loss, grad_lse, temperature):
-    """dL/dquery (M, D) in query's dtype from the fused backward kernel (tiles recomputed)."""
-    rows, dim = query.shape
-    plan = _launch_plan("backward", query, positive, queue)
-    partial = plan["splits"] > 1
+    """dL/dquery (M, D) in query's dtype: one group of the grouped backward."""
+    return _triton_backward_grouped(
+        query[None], positive[None], queue[None],
+        _index_tensor((0,), query.device.type, query.device.index), lse[None], grad_loss[None],
+        grad_lse[None], temperature)[0]
+
+
+def _triton_backward_grouped(query, positive, queues, queue_index, lse, grad_loss, grad_lse,
+                             temperature):
+    """dL/dquery (G, M, D) in query's dtype from one launch of the fused backward kernel (tiles
+    recomputed); lse, grad_loss, grad_lse (G, M) fp32, any strides."""
+    groups, rows, dim = query.shape
+    plan = _launch_plan("backward", query, positive, queues)
+    splits = plan["splits"]
+    partial = splits > 1
     if partial:
-        out = _new_buffer((plan["splits"], rows, dim), torch.float32, query.device)
+        out = _new_buffer((groups, splits, rows, dim), torch.float32, query.device)
     else:
-        out = _new_buffer((rows, dim), query.dtype, query.device)
-    _qi_backward_kernel[(plan["row_blocks"], plan["splits"])](
-        query, positive, queue, lse, grad_loss, grad_lse, out, rows, queue.shape[0], dim,
-        query.stride(0), query.stride(1), positive.stride(0), positive.stride(1),
-        queue.stride(0), queue.stride(1), lse.stride(0), grad_loss.stride(0), grad_lse.stride(0),
-        _LOG2E / temperature, 1.0 / temperature, plan["tiles_per_split"], FP32_MMA=plan["fp32"],
+        out = _new_buffer((groups, rows, dim), query.dtype, query.device)
+    _qi_backward_kernel[(plan["row_blocks"], splits, groups)](
+        query, positive, queues, queue_index, lse, grad_loss, grad_lse, out, rows,
+        queues.shape[1], dim, query.stride(0), query.stride(1), query.stride(2),
+        positive.stride(0), positive.stride(1), positive.stride(2), queues.stride(0),
+        queues.stride(1), queues.stride(2), lse.stride(0), lse.stride(1), grad_loss.stride(0),
+        grad_loss.stride(1), grad_lse.stride(0), grad_lse.stride(1), _LOG2E / temperature,
+        1.0 / temperature, plan["tiles_per_split"], splits, FP32_MMA=plan["fp32"],
         DOT_PRECISION=plan["precision"], PARTIAL=partial, OFFSETS_I64=plan["offsets_i64"],
         INTERPRET=plan["interpret"], BLOCK_M=plan["block_m"], BLOCK_K=plan["block_k"],
         BLOCK_D=plan["block_d"], num_warps=plan["num_warps"], num_stages=plan["num_stages"])
-    return out.sum(dim=0).to(query.dtype) if partial else out
+    return out.sum(dim=1).to(query.dtype) if partial else out
 
 
 def _row_vector(value, rows, device):
@@ -755,3 +813,164 @@ def queue_infonce(query, positive, queue, temperature, backend="auto", *, extra_
             row_loss = torch.logaddexp(lse, extra_negative.to(torch.float32) / temperature) \
                 - x0 / temperature
     return row_loss.mean() if reduction == "mean" else row_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Several queues in one launch (DetCo's twelve terms)
+# ----------------------------------------------------------------------------------------------
+
+def _validate_grouped(op_name, query, positive, queues, queue_index, temperature):
+    """(G, M, D) query/positive, a (Q, K, D) queue bank and G Python ints in [0, Q)."""
+    for name, value, shape in (("query", query, "(G, M, D)"), ("positive", positive, "(G, M, D)"),
+                               ("queues", queues, "(Q, K, D)")):
+        if not isinstance(value, torch.Tensor) or value.dim() != 3:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{op_name}: {name} must be a tensor of shape {shape}, got {got}")
+    if tuple(positive.shape) != tuple(query.shape):
+        raise ValueError(f"{op_name}: positive must have query's shape {tuple(query.shape)}, got "
+                         f"{tuple(positive.shape)}")
+    if not isinstance(queue_index, (list, tuple)) or \
+            any(isinstance(i, bool) or not isinstance(i, int) for i in queue_index):
+        raise ValueError(f"{op_name}: queue_index must be a list or tuple of Python ints (one per "
+                         f"group), got {queue_index!r}")
+    if len(queue_index) != query.shape[0]:
+        raise ValueError(f"{op_name}: queue_index must name one queue per group (G = "
+                         f"{query.shape[0]}), got {len(queue_index)}")
+    if any(not 0 <= i < queues.shape[0] for i in queue_index):
+        raise ValueError(f"{op_name}: queue_index entries must be in [0, {queues.shape[0]}), got "
+                         f"{list(queue_index)}")
+    if query.shape[0] == 0:
+        raise ValueError(f"{op_name}: at least one group is needed (G > 0)")
+    # the per-group rules are the single op's (M, K, D > 0, dtypes, devices, temperature)
+    _validate(op_name, query[0], positive[0], queues[0], temperature)
+
+
+def queue_infonce_grouped_reference(query, positive, queues, queue_index, temperature, *,
+                                    reduction="mean"):
+    """The definition: queue_infonce_reference per group g with queues[queue_index[g]], stacked
+    ((G,) means, or (G, M) row losses with reduction="none"). Plain autograd."""
+    _validate_grouped("queue_infonce_grouped_reference", query, positive, queues, queue_index,
+                      temperature)
+    return torch.stack([queue_infonce_reference(query[g], positive[g], queues[i], temperature,
+                                                reduction=reduction)
+                        for g, i in enumerate(queue_index)])
+
+
+def _reference_forward_grouped(query, positive, queues, queue_index, temperature):
+    keys = queues.to(torch.float32).index_select(0, queue_index.long())        # (G, K, D)
+    q = query.to(torch.float32)
+    x0 = (q * positive.to(torch.float32)).sum(dim=2) / temperature
+    x = torch.bmm(q, keys.transpose(1, 2)).div_(temperature)
+    lse = torch.logaddexp(x0, torch.logsumexp(x, dim=2))
+    return lse - x0, lse
+
+
+def _reference_backward_grouped(query, positive, queues, queue_index, lse, grad_loss, grad_lse,
+                                temperature):
+    keys = queues.to(torch.float32).index_select(0, queue_index.long())
+    q, pos = query.to(torch.float32), positive.to(torch.float32)
+    x0 = (q * pos).sum(dim=2) / temperature
+    p = torch.bmm(q, keys.transpose(1, 2)).div_(temperature).sub_(lse[..., None]).exp_()
+    p0 = torch.exp(x0 - lse)
+    softmax_weight = (grad_loss + grad_lse) / temperature
+    grad = softmax_weight[..., None] * (p0[..., None] * pos + torch.bmm(p, keys)) \
+        - (grad_loss / temperature)[..., None] * pos
+    return grad.to(query.dtype)
+
+
+@torch.library.custom_op("densesim::queue_infonce_grouped", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _queue_infonce_grouped_op(query: torch.Tensor, positive: torch.Tensor, queues: torch.Tensor,
+                              queue_index: torch.Tensor, temperature: float,
+                              use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_loss, lse), (G, M) fp32 each; queue_index (G,) int32 on the device."""
+    with _fp32_region(query.device), torch.no_grad():
+        if use_triton:
+            with _on_device(query.device):
+                return _triton_forward_grouped(query, positive, queues, queue_index, temperature)
+        return _reference_forward_grouped(query, positive, queues, queue_index, temperature)
+
+
+@_queue_infonce_grouped_op.register_fake
+def _queue_infonce_grouped_fake(query, positive, queues, queue_index, temperature, use_triton):
+    shape = query.shape[:2]
+    return (query.new_empty(shape, dtype=torch.float32),
+            query.new_empty(shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("densesim::queue_infonce_grouped_backward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _queue_infonce_grouped_backward_op(query: torch.Tensor, positive: torch.Tensor,
+                                       queues: torch.Tensor, queue_index: torch.Tensor,
+                                       lse: torch.Tensor, grad_loss: torch.Tensor,
+                                       grad_lse: torch.Tensor, temperature: float,
+                                       use_triton: bool) -> torch.Tensor:
+    """grad_query (G, M, D) in query's dtype."""
+    with _fp32_region(query.device), torch.no_grad():
+        args = (lse.to(torch.float32), grad_loss.to(torch.float32), grad_lse.to(torch.float32))
+        if use_triton:
+            with _on_device(query.device):
+                return _triton_backward_grouped(query, positive, queues, queue_index, *args,
+                                                temperature)
+        return _reference_backward_grouped(query, positive, queues, queue_index, *args,
+                                           temperature)
+
+
+@_queue_infonce_grouped_backward_op.register_fake
+def _queue_infonce_grouped_backward_fake(query, positive, queues, queue_index, lse, grad_loss,
+                                         grad_lse, temperature, use_triton):
+    return query.new_empty(query.shape)
+
+
+def _setup_context_grouped(ctx, inputs, output):
+    query, positive, queues, queue_index, temperature, use_triton = inputs
+    ctx.save_for_backward(query, positive, queues, queue_index, output[1])
+    ctx.temperature, ctx.use_triton = temperature, use_triton
+
+
+def _grouped_vector(value, like):
+    return torch.zeros_like(like) if value is None else value.to(torch.float32)
+
+
+def _backward_grouped(ctx, grad_loss, grad_lse):
+    query, positive, queues, queue_index, lse = ctx.saved_tensors
+    grad_query = None
+    if ctx.needs_input_grad[0]:
+        grad_query = _queue_infonce_grouped_backward_op(
+            query, positive, queues, queue_index, lse, _grouped_vector(grad_loss, lse),
+            _grouped_vector(grad_lse, lse), ctx.temperature, ctx.use_triton)
+    return grad_query, None, None, None, None, None
+
+
+torch.library.register_autograd("densesim::queue_infonce_grouped", _backward_grouped,
+                                setup_context=_setup_context_grouped)
+
+
+def queue_infonce_grouped(query, positive, queues, queue_index, temperature, backend="auto", *,
+                          reduction="mean"):
+    """G queue-InfoNCE terms in one launch (forward and backward): term g is
+    queue_infonce(query[g], positive[g], queues[queue_index[g]], temperature).
+
+    query, positive (G, M, D); queues (Q, K, D), a bank of Q queues of K keys each (one key per
+    row; several terms may share a queue, as DetCo's local-to-global term shares the global
+    queue of its level); queue_index: G Python ints in [0, Q) (host structure, validated on the
+    host; made into a device tensor once per value and device, no copy per step). Returns the
+    (G,) per-term means (fp32), or the (G, M) row losses with reduction="none". Gradient to query
+    only; same maths, dtypes, backends and no-host-sync guarantees as queue_infonce. The Triton
+    launch adds the groups as a third grid axis, so the twelve small DetCo terms (M = batch) fill
+    the GPU together where twelve separate launches would each leave most SMs idle; the queue
+    split is chosen for row blocks x G programs. The reference maths index_select the bank into
+    (G, K, D) and use batched matmuls (G x M x K logits, as twelve separate calls would)."""
+    op = "queue_infonce_grouped"
+    _check_backend_name(op, backend)
+    _validate_grouped(op, query, positive, queues, queue_index, temperature)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
+    use_triton = _select_backend(op, backend, query.device, query.shape[2]) == "triton"
+    if backend == "reference" or query.device.type not in _OP_DEVICES:
+        return queue_infonce_grouped_reference(query, positive, queues, queue_index, temperature,
+                                               reduction=reduction)
+    index = _index_tensor(tuple(queue_index), query.device.type, query.device.index)
+    row_loss, _ = _queue_infonce_grouped_op(query, positive.detach(), queues.detach(), index,
+                                            float(temperature), use_triton)
+    return row_loss.mean(dim=1) if reduction == "mean" else row_loss

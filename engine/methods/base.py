@@ -199,10 +199,11 @@ class Method(nn.Module):
         among its negatives -- and a queue that needs a large part of the run to replace its
         random initial keys trains against noise meanwhile (the loss can rise on small data,
         mmpretrain#1541). MoCo/DenseCL's papers size the queue well below ImageNet's 1.28 M."""
-        from engine.models.moco import KeyQueue
+        from engine.models.moco import KeyQueue, KeyQueueBank
 
         lines = []
-        for name, queue in ((n, m) for n, m in self.named_modules() if isinstance(m, KeyQueue)):
+        queues = ((n, m) for n, m in self.named_modules() if isinstance(m, (KeyQueue, KeyQueueBank)))
+        for name, queue in queues:
             fill_steps = -(-queue.length // max(1, global_batch))
             # at most half the images, a whole number of global batches
             suggestion = max(global_batch, num_images // 2 // max(1, global_batch) * global_batch)

@@ -27,7 +27,8 @@ queues) --
                 + InfoNCE(l_ℓ(v1), g_ℓ(v2); Q^g_ℓ) ]      local query <-> global key
     w = (0.1, 0.4, 0.7, 1.0) for C2..C5
 
-twelve queue-InfoNCE terms (kernels/queue_infonce.py: no (M, K+1) logits are stored). After the
+twelve queue-InfoNCE terms, computed in one forward and one backward launch
+(kernels.queue_infonce_grouped over the bank of the 8 queues; no (M, K+1) logits are stored). After the
 step, g_ℓ(v2) is enqueued in Q^g_ℓ and l_ℓ(v2) in Q^l_ℓ, all-gathered over ranks.
 
 Assumptions (no released code) and departures:
@@ -71,9 +72,9 @@ from engine.methods.base import Method, StepContext
 from engine.models.backbones import (FEATURE_LEVELS, backbone_flops_per_image, build_backbone,
                                      dense_levels, describe_backbone, level_channels, pooled)
 from engine.models.heads import head_flops, mlp
-from engine.models.moco import KeyQueue, gather_keys, shuffle_generator, shuffled_forward
+from engine.models.moco import KeyQueueBank, gather_keys, shuffle_generator, shuffled_forward
 from engine.models.vit import VisionTransformer
-from kernels import queue_infonce
+from kernels import queue_infonce_grouped
 
 CELLS = 3          # the jigsaw is CELLS × CELLS patches
 
@@ -154,11 +155,19 @@ class DetCo(Method):
         self.heads = DetCoHeads(self.channels, h.hidden, h.dim)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.target_heads = copy.deepcopy(self.heads).requires_grad_(False)
-        self.queues_global = nn.ModuleList(KeyQueue(h.queue_length, h.dim) for _ in self.levels)
-        self.queues_local = nn.ModuleList(KeyQueue(h.queue_length, h.dim) for _ in self.levels)
+        # the 8 queues in one bank: Q^g_C2..Q^g_C5 then Q^l_C2..Q^l_C5 (queues_global/_local)
+        self.queues = KeyQueueBank(2 * len(self.levels), h.queue_length, h.dim)
         vit_patch = cfg.patch_size if isinstance(self.encoder, VisionTransformer) else None
         self.patch_side = jigsaw_side(cfg.img_size, vit_patch, h.jigsaw_size)
         self._step_keys: list[tuple[torch.Tensor, ...]] = []
+
+    @property
+    def queues_global(self):
+        return [self.queues[i] for i in range(len(self.levels))]
+
+    @property
+    def queues_local(self):
+        return [self.queues[len(self.levels) + i] for i in range(len(self.levels))]
 
     def target_pairs(self):
         return [(self.encoder, self.target_encoder), (self.heads, self.target_heads)]
@@ -201,24 +210,25 @@ class DetCo(Method):
                 view2, ctx.rank, ctx.world_size, shuffle_generator(ctx.seed, ctx.step, ctx.micro))
         ctx.mark("target_forward")
         n = len(self.levels)
-        backend = ctx.backend("queue_infonce")
-        loss = torch.zeros((), device=view1.device)
-        terms = {"loss_global": 0.0, "loss_local": 0.0, "loss_cross": 0.0}
-        for index, level in enumerate(self.levels):
-            q_global, q_local = queries[index], queries[n + index]
-            k_global, k_local = keys[index], keys[n + index]
-            # the queues in the queries' dtype (bf16 under autocast: the kernel's tensor-core path)
-            queue_global = self.queues_global[index].keys.to(q_global.dtype)
-            queue_local = self.queues_local[index].keys.to(q_local.dtype)
-            gg = queue_infonce(q_global, k_global, queue_global, h.temperature, backend=backend)
-            ll = queue_infonce(q_local, k_local, queue_local, h.temperature, backend=backend)
-            lg = queue_infonce(q_local, k_global, queue_global, h.temperature, backend=backend)
-            weight = h.level_weights[index]
-            loss = loss + weight * (gg + ll + lg)
-            terms[f"loss_{level}"] = (gg + ll + lg).detach()
-            terms["loss_global"] = terms["loss_global"] + weight * gg.detach()
-            terms["loss_local"] = terms["loss_local"] + weight * ll.detach()
-            terms["loss_cross"] = terms["loss_cross"] + weight * lg.detach()
+        # the twelve terms in one launch: (gg, ll, lg) per level, each (query, key, queue) --
+        # global/global on Q^g, local/local on Q^l, local query/global key on Q^g
+        q_global, q_local = queries[:n], queries[n:]
+        k_global, k_local = keys[:n], keys[n:]
+        query = torch.stack([*q_global, *q_local, *q_local])
+        key = torch.stack([*k_global, *k_local, *k_global])
+        index = [*range(n), *range(n, 2 * n), *range(n)]
+        # the bank in the queries' dtype (bf16 under autocast: the kernel's tensor-core path)
+        losses = queue_infonce_grouped(query, key, self.queues.keys.to(query.dtype), index,
+                                       h.temperature, backend=ctx.backend("queue_infonce"))
+        gg, ll, lg = losses[:n], losses[n:2 * n], losses[2 * n:]
+        weights = torch.tensor(h.level_weights, dtype=losses.dtype, device=losses.device)
+        loss = (weights * (gg + ll + lg)).sum()
+        terms = {"loss_global": (weights * gg).sum().detach(),
+                 "loss_local": (weights * ll).sum().detach(),
+                 "loss_cross": (weights * lg).sum().detach()}
+        for level_index, level in enumerate(self.levels):
+            terms[f"loss_{level}"] = (gg[level_index] + ll[level_index]
+                                      + lg[level_index]).detach()
         ctx.mark("loss")
         self._step_keys.append(tuple(k.detach() for k in keys))
         return loss, terms
@@ -230,8 +240,7 @@ class DetCo(Method):
             for index in range(2 * n):
                 keys = gather_keys(torch.cat([step[index] for step in self._step_keys]),
                                    ctx.world_size)
-                queue = self.queues_global[index] if index < n else self.queues_local[index - n]
-                queue.enqueue(keys, ctx.ok)
+                self.queues[index].enqueue(keys, ctx.ok)
         self._step_keys = []
 
     def flops_per_image(self) -> float:

@@ -65,6 +65,51 @@ class KeyQueue(nn.Module):
         return f"length={self.length}, dim={self.dim}"
 
 
+class QueueView:
+    """Queue `index` of a KeyQueueBank, with KeyQueue's interface: `keys` (length, dim) and `ptr`
+    (0-d) are views into the bank's buffers."""
+
+    def __init__(self, bank: "KeyQueueBank", index: int):
+        self.bank, self.index = bank, index
+        self.length, self.dim = bank.length, bank.dim
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.bank.keys[self.index]
+
+    @property
+    def ptr(self) -> torch.Tensor:
+        return self.bank.ptr[self.index]
+
+    def enqueue(self, keys: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        KeyQueue.enqueue(self, keys, ok)   # the same ring-buffer write, on the views
+
+
+class KeyQueueBank(nn.Module):
+    """`count` queues of `length` keys in one (count, length, dim) buffer, the operand of
+    kernels.queue_infonce_grouped (every term of a step in one launch, no stacking copy). Queue i
+    (`bank[i]`) behaves as a KeyQueue; its initial keys are the ones `count` KeyQueues built in
+    order would draw (the same randn stream)."""
+
+    def __init__(self, count: int, length: int, dim: int):
+        super().__init__()
+        if count < 1 or length < 1 or dim < 1:
+            raise ValueError(f"a key queue bank needs count, length, dim >= 1, got {count}, "
+                             f"{length}, {dim}")
+        self.count, self.length, self.dim = count, length, dim
+        self.register_buffer("keys", torch.stack([F.normalize(torch.randn(length, dim), dim=1)
+                                                  for _ in range(count)]))
+        self.register_buffer("ptr", torch.zeros(count, dtype=torch.int64))
+
+    def __getitem__(self, index: int) -> QueueView:
+        if not 0 <= index < self.count:
+            raise IndexError(f"queue {index} of a bank of {self.count}")
+        return QueueView(self, index)
+
+    def extra_repr(self) -> str:
+        return f"count={self.count}, length={self.length}, dim={self.dim}"
+
+
 def gather_keys(keys: torch.Tensor, world_size: int) -> torch.Tensor:
     """All ranks' `keys` concatenated in rank order (no gradient); `keys` itself when alone."""
     if world_size <= 1 or not dist.is_initialized():

@@ -378,12 +378,14 @@ def test_kernels_take_the_callers_tensors_without_copies(monkeypatch):
     queue = _unit(40, 77, gen, TRITON_DEVICE).t()                                     # a (D, K) buffer
     row_loss, _ = torch.ops.densesim.queue_infonce(query, positive, queue, 0.2, True)
     (row_loss.sum() / 31).backward()  # sum's backward expands: the gradient arrives stride 0
-    (q, pos, keys, *_), = forward.launches
+    # the kernels take one group's tensors as (1, ...) views of the caller's: same memory, strides
+    (q, pos, keys, index, *_), = forward.launches
     for got, given in ((q, query), (pos, positive), (keys, queue)):
-        assert got.data_ptr() == given.data_ptr() and got.stride() == given.stride()
-    (q, pos, keys, lse, grad_loss, grad_lse, _out), = backward.launches
-    assert q.data_ptr() == query.data_ptr() and keys.stride() == queue.stride()
-    assert grad_loss.stride() == (0,)  # read by its stride: no copy
+        assert got.data_ptr() == given.data_ptr() and got.stride()[1:] == given.stride()
+    assert index.tolist() == [0]
+    (q, pos, keys, _index, lse, grad_loss, grad_lse, _out), = backward.launches
+    assert q.data_ptr() == query.data_ptr() and keys.stride()[1:] == queue.stride()
+    assert grad_loss.stride()[1:] == (0,)  # read by its stride: no copy
     assert lse.dtype == grad_loss.dtype == grad_lse.dtype == torch.float32
     _, expected_grad, _ = _infonce64(query, positive, queue, 0.2)
     torch.testing.assert_close(query.grad.cpu().double(), expected_grad, rtol=1e-5,
