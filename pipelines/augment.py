@@ -574,6 +574,11 @@ def _recipe(name: str) -> _Recipe:
     return _RECIPES[name]
 
 
+def recipe_scale(name: str) -> tuple[float, float]:
+    """The RandomResizedCrop area range of recipe `name` (what scale=None gives)."""
+    return tuple(_recipe(name).scale)
+
+
 def augment_recipe(name: str, size: int = 224, scale: tuple[float, float] | None = None,
                    ratio: tuple[float, float] | None = None, blur: bool = True,
                    interpolation: str | None = None, colour: bool = True,

@@ -1,8 +1,9 @@
 """DetCo and SCFS: the losses against float64 references written here, the jigsaw, the queues and
 centres, the CLI, resume and the no-host-sync rule.
 
-References follow the methods' docstrings (DetCo: DENSE.md §7, no released code; SCFS: the official
-skyoux/scfs `models/scfs.py` / `main_scfs.py`, adapted to two views as its docstring says). They
+References follow the methods' docstrings (DetCo: DENSE.md §7, no released code; SCFS: the
+official skyoux/scfs `models/scfs.py` / `main_scfs.py` with local crops, and the two-view variant
+its docstring describes). They
 call the method's networks (a float64 deep copy: backbone blocks, heads) but never its loss code,
 `jigsaw`, `dense_levels`, `search` or the queue kernel: patches, levels, the feature search,
 InfoNCE and DINO's cross-entropy are recomputed here with plain torch.
@@ -363,6 +364,81 @@ def test_scfs_loss_gradients_and_centres(backbone):
     expected_layers = 0.9 * layer_centers.double() + 0.1 * t_layers.mean(1)
     torch.testing.assert_close(model.center.double(), expected_center, rtol=0, atol=1e-5)
     torch.testing.assert_close(model.layer_centers.double(), expected_layers, rtol=0, atol=1e-5)
+
+
+def scfs_multicrop_reference(ref, crops, teacher_temp, levels=("c3", "c4", "c5")):
+    """OFFICIAL skyoux/scfs main_scfs.py with local crops, step by step: the student on images[:2]
+    and on images[2:] (two calls); the teacher on images[:2]; per level each local crop i's
+    pooled student map (l2n) weights the l2n teacher map of global view 1 (chunk(2)[0]) at every
+    location, times that map; DINOLoss over (2 + n) student chunks against 2 teacher chunks
+    (v != iq); DINOShallowLoss: centred global pairs 0.5 (t0 s1 + t1 s0) and the uncentred local
+    term mean_i H(t_i, s_i); loss = final + sum_l (global_l + local_l) * 0.5."""
+    n, b = len(crops) - 2, crops[0].shape[0]
+    g, loc = torch.cat(crops[:2]).double(), torch.cat(crops[2:]).double()
+
+    def final(head, features):
+        z = l2n(head.mlp(features.mean((2, 3))), -1)
+        return z @ l2n(head.last_layer.weight, 1).t()
+
+    sg, sl = reference_levels(ref.encoder, g, levels), reference_levels(ref.encoder, loc, levels)
+    stu_all = torch.cat([final(ref.head, sg["c5"]), final(ref.head, sl["c5"])])
+    stu_g = [head(sg[lv]) for head, lv in zip(ref.layer_heads, levels)]
+    stu_l = [head(sl[lv]) for head, lv in zip(ref.layer_heads, levels)]
+    with torch.no_grad():
+        tm = reference_levels(ref.target_encoder, g, levels)
+        tea_final = final(ref.target_head, tm["c5"])
+        tea_g, tea_l = [], []
+        for head, lv in zip(ref.target_layer_heads, levels):
+            tea_g.append(head(tm[lv]))
+            queries = l2n(sl[lv].mean((2, 3), keepdim=True)).chunk(n)
+            f_nom = l2n(tm[lv]).chunk(2)
+            local = torch.cat([(f_nom[0] * queries[i]).sum(1, keepdim=True) * tm[lv].chunk(2)[0]
+                               for i in range(n)])
+            tea_l.append(head(local))
+    s_out = (stu_all / 0.1).chunk(n + 2)
+    t_out = F.softmax((tea_final - ref.center) / teacher_temp, -1).chunk(2)
+    pairs = [(iq, v) for iq in range(2) for v in range(n + 2) if v != iq]
+    loss = sum((-t_out[iq] * F.log_softmax(s_out[v], -1)).sum(-1).mean()
+               for iq, v in pairs) / len(pairs)
+    terms = {"loss_final": loss}
+    for i, lv in enumerate(levels):
+        s, t = (stu_g[i] / 0.1).chunk(2), F.softmax((tea_g[i] - ref.layer_centers[i])
+                                                    / teacher_temp, -1).chunk(2)
+        glob = ((-t[0] * F.log_softmax(s[1], -1)).sum(-1).mean()
+                + (-t[1] * F.log_softmax(s[0], -1)).sum(-1).mean()) * 0.5
+        s, t = (stu_l[i] / 0.1).chunk(n), F.softmax(tea_l[i] / teacher_temp, -1).chunk(n)
+        local = sum((-t[j] * F.log_softmax(s[j], -1)).sum(-1).mean() for j in range(n)) / n
+        terms[f"loss_{lv}_global"], terms[f"loss_{lv}_search"] = glob, local
+        loss = loss + (glob + local) * 0.5
+    return loss, terms, tea_final, torch.stack(tea_g)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "resnet18"])
+def test_scfs_multicrop_matches_the_official_step(backbone):
+    """Two global crops and 3 local ones (16 px), as the loaders deliver them (batch["crops"])."""
+    model = make("scfs", dict(SCFS_ARGS, local_crops=3), backbone)
+    assert [(c.count, c.size) for c in model.views.crops] == [(2, 32), (3, 16)]
+    with torch.no_grad():
+        model.center.normal_(0, 0.3)
+        model.layer_centers.normal_(0, 0.3)
+    ref = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(3)
+    crops = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)] + \
+        [torch.randn(4, 3, 16, 16, generator=g) for _ in range(3)]
+    batch = {"crops": crops, "view1": crops[0], "view2": crops[1]}
+    loss, figures = model(batch, StepContext(step=100))
+    loss.backward()
+    expected, terms, t_final, t_layers = scfs_multicrop_reference(ref, crops, 0.07)
+    expected.backward()
+    assert rel(loss, expected) < 1e-4, (float(loss), float(expected))
+    for name, value in terms.items():
+        assert rel(figures[name], value) < 1e-4, name
+    check_gradients(model, ref, rtol=2e-3 if backbone == "vit" else 2e-2)
+    center = model.center.clone()
+    model.after_step(StepContext(step=100, ok=torch.tensor(True)))   # centres: global views only
+    torch.testing.assert_close(model.center.double(),
+                               0.9 * center.double() + 0.1 * t_final.mean(0, keepdim=True),
+                               rtol=0, atol=1e-5)
 
 
 def test_scfs_last_layer_freeze_and_temperature_schedule():

@@ -14,31 +14,33 @@ gradient), both run on the two views x_1, x_2 (concatenated: one BatchNorm batch
   layer  per level ℓ in (C3, C4, C5) a "shallow head" on the MAP F_ℓ: a residual bottleneck
          (1×1 C->256, BN, ReLU, 3×3 256->256, BN, ReLU, 1×1 256->C, BN, + F_ℓ, ReLU), GAP,
          Linear C->2048, BN, ReLU, Linear 2048->256, BN, l2n.
-Feature search (teacher side, no gradient): for the student's view b and the teacher's view a ≠ b
-at level ℓ, the query is the student's pooled map u = l2n(GAP(F^s_ℓ(x_b))) (detached); every
-location p of the teacher map gets the cosine weight α_p = <l2n(F^t_ℓ(x_a)_p), u> (not softmaxed,
-not clipped: weights in [-1, 1]); the searched feature is the re-weighted map α ⊙ F^t_ℓ(x_a),
-which the teacher's layer head turns into a 256-d target ("feature-to-data": searched features of
-one view against the data of the other).
+Views (official main_scfs.py): two global crops x_1, x_2 at img_size (scale 0.25-1 in the
+released script) and n = 8 local crops of 96 px at 224 (scale 0.05-0.25), `local_crops` /
+`local_size` / `local_scale`. The student runs on the globals and, in a second call (its own
+BatchNorm batch), on the locals; the teacher on the globals only.
+Feature search (teacher side, no gradient): at level ℓ the query of local crop i is the student's
+pooled map u_i = l2n(GAP(F^s_ℓ(local_i))) (detached); every location p of the teacher map of
+GLOBAL VIEW 1 gets the cosine weight α_p = <l2n(F^t_ℓ(x_1)_p), u_i> (not softmaxed, not clipped:
+weights in [-1, 1]); the searched feature is the re-weighted map α ⊙ F^t_ℓ(x_1), which the
+teacher's layer head (one BatchNorm batch of the n·B searched maps) turns into a 256-d target for
+the student's layer head on crop i ("feature-to-data").
 
 Losses (DINO's cross-entropy H(t, s) = −Σ_k softmax((t − c)/τ_t)_k · log_softmax(s/τ_s)_k, mean
-over the batch; τ_s = 0.1, τ_t linear 0.04 -> 0.07 over the warm-up then 0.07; pairs (a, b) =
-(1, 2), (2, 1) averaged):
-    L_final   = mean_{a≠b} H(final^t(x_a) centred by c,  final^s(x_b))
-    L_ℓ,glob  = mean_{a≠b} H(layer^t_ℓ(x_a) centred by c_ℓ, layer^s_ℓ(x_b))
-    L_ℓ,search= mean_{a≠b} H(layer^t_ℓ(α ⊙ F^t_ℓ(x_a)) NOT centred, layer^s_ℓ(x_b))
+over the batch; τ_s = 0.1, τ_t linear 0.04 -> 0.07 over the warm-up then 0.07):
+    L_final   = mean over teacher global a and student crop v ≠ a (2 + n crops: 2(n+1) terms)
+                of H(final^t(x_a) centred by c, final^s(crop_v))
+    L_ℓ,glob  = mean_{a≠b ∈ {1,2}} H(layer^t_ℓ(x_a) centred by c_ℓ, layer^s_ℓ(x_b))
+    L_ℓ,search= mean_i H(layer^t_ℓ(α_i ⊙ F^t_ℓ(x_1)) NOT centred, layer^s_ℓ(local_i))
     L = L_final + Σ_ℓ (L_ℓ,glob + L_ℓ,search) / 2
 Centres c (65,536-d) and c_ℓ (256-d) are buffers: after the step, c ← 0.9 c + 0.1 · mean of the
 teacher's final (resp. layer-ℓ global) outputs over the step's whole batch, all-reduced over ranks.
+With local_crops = 0 (two views), each global view is the query for (and the student against)
+the other view's teacher map, symmetrically, as L_ℓ,glob pairs them, and L_final is two-view DINO.
 
 Departures from the official code:
-  * two views, no multi-crop (the loaders give two; multi-crop is in ViewSpec but not in the
-    two-view trainer): the official run adds 8 local crops of 96 px (scale 0.05-0.25). There, the
-    local crops are the search queries and the student side of L_ℓ,search (each searches the
-    teacher map of global view 1 only), and they are extra students of L_final. Here each global
-    view is the query for (and the student against) the other view's teacher map, symmetrically,
-    as L_ℓ,glob pairs them; L_final is two-view DINO. (The official box generator and RoIAlign
-    layers are built but unused in the loss; they are left out.);
+  * the official box generator and RoIAlign layers are built but unused in the loss; they are
+    left out. The local crops' side is 96/224 of img_size rounded to a multiple of 8 (of the
+    patch on a ViT), e.g. 16 px on 32 px CIFAR images;
   * the final centre and the layer centres are updated once per optimiser step (after every
     micro-batch, all-gathered), not inside the loss, so every micro-batch of a step uses the same
     centres (identical for accum = 1), and a skipped (non-finite) step leaves them unchanged;
@@ -59,6 +61,7 @@ Departures from the official code:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,10 +69,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.methods.base import Method, StepContext
+from engine.methods.base import ConfigError, CropSpec, Method, StepContext, ViewSpec
 from engine.models.backbones import (backbone_channels, backbone_flops_per_image, build_backbone,
                                      dense_grid, dense_levels, describe_backbone, level_channels,
                                      pooled)
+from pipelines.augment import recipe_scale
 
 
 @dataclass
@@ -86,6 +90,10 @@ class SCFSHyper:
     teacher_temp_warmup_steps: int = 0
     center_momentum: float = 0.9
     freeze_last_layer_steps: int = 0
+    local_crops: int = 8               # small crops (the search queries); 0: two views only
+    local_size: int = 0                # their side; 0: 96/224 of img_size (a multiple of 8 or
+    #                                    of the ViT patch)
+    local_scale: tuple[float, float] = (0.05, 0.25)   # scripts/run_pretrain.sh
 
     def validate(self) -> None:
         if min(self.dim, self.hidden, self.bottleneck, self.layer_dim, self.layer_hidden,
@@ -97,6 +105,11 @@ class SCFSHyper:
             raise ValueError(f"center_momentum must be in [0, 1], got {self.center_momentum}")
         if self.teacher_temp_warmup_steps < 0 or self.freeze_last_layer_steps < 0:
             raise ValueError("teacher_temp_warmup_steps and freeze_last_layer_steps must be >= 0")
+        if self.local_crops < 0 or self.local_size < 0:
+            raise ValueError("local_crops and local_size must be >= 0")
+        if len(self.local_scale) != 2 or not 0 < self.local_scale[0] <= self.local_scale[1] <= 1:
+            raise ValueError(f"local_scale must be (low, high) with 0 < low <= high <= 1, got "
+                             f"{self.local_scale}")
 
 
 class DINOHead(nn.Module):
@@ -160,16 +173,31 @@ def search(teacher_map: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 
 def dino_cross_entropy(teacher: torch.Tensor, student: torch.Tensor, teacher_temp: float,
                        student_temp: float, center: torch.Tensor | None = None) -> torch.Tensor:
-    """Two-view DINO loss: rows are [view 1 ; view 2] (2B); teacher view a against student view
-    b ≠ a, both pairs averaged; softmax of (teacher − center) / τ_t, in fp32."""
+    """DINO's loss (official DINOLoss): teacher rows are [view 1 ; view 2] (2B), student rows
+    [view 1 ; view 2 ; local 1 ; ... ; local n] ((2 + n)B); every teacher view a against every
+    student crop v ≠ a, the 2(2 + n) − 2 terms averaged; softmax of (teacher − center) / τ_t,
+    in fp32. Two views (n = 0): the pairs (1, 2) and (2, 1)."""
     with torch.autocast(device_type=teacher.device.type, enabled=False):
         teacher, student = teacher.float(), student.float()
         if center is not None:
             teacher = teacher - center
         targets = F.softmax(teacher / teacher_temp, dim=-1).chunk(2)
-        log_probs = F.log_softmax(student / student_temp, dim=-1).chunk(2)
-        loss = sum(-(targets[a] * log_probs[1 - a]).sum(-1).mean() for a in range(2))
-        return loss / 2
+        crops = student.shape[0] // targets[0].shape[0]
+        log_probs = F.log_softmax(student / student_temp, dim=-1).chunk(crops)
+        terms = [-(targets[a] * log_probs[v]).sum(-1).mean()
+                 for a in range(2) for v in range(crops) if v != a]
+        return sum(terms) / len(terms)
+
+
+def paired_cross_entropy(teacher: torch.Tensor, student: torch.Tensor, teacher_temp: float,
+                         student_temp: float) -> torch.Tensor:
+    """Row i of the teacher against row i of the student (official DINOShallowLoss's local part:
+    searched target of local crop i vs the student on crop i), no centring; mean over rows (=
+    the mean over crops of the per-crop batch means), fp32."""
+    with torch.autocast(device_type=teacher.device.type, enabled=False):
+        targets = F.softmax(teacher.float() / teacher_temp, dim=-1)
+        log_probs = F.log_softmax(student.float() / student_temp, dim=-1)
+        return -(targets * log_probs).sum(-1).mean()
 
 
 class SCFS(Method):
@@ -200,6 +228,32 @@ class SCFS(Method):
         return [(self.encoder, self.target_encoder), (self.head, self.target_head),
                 (self.layer_heads, self.target_layer_heads)]
 
+    # -------------------------------------------------------------- the views it asks for
+    def local_side(self) -> int:
+        h, cfg = self.hyper, self.cfg
+        if h.local_size:
+            return h.local_size
+        multiple = cfg.patch_size if cfg.backbone == "vit" else 8
+        return max(multiple, round(cfg.img_size * 96 / 224 / multiple) * multiple)
+
+    @property
+    def views(self) -> ViewSpec:
+        """Two global crops at img_size (the recipe's crop_scale) and `local_crops` small ones."""
+        h = self.hyper
+        if not h.local_crops:
+            return ViewSpec()
+        scale = self.cfg.crop_scale or recipe_scale(self.cfg.augmentation)
+        return ViewSpec(crops=(CropSpec(2, self.cfg.img_size, tuple(scale)),
+                               CropSpec(h.local_crops, self.local_side(), tuple(h.local_scale))))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        h = cls.hyperparameters(cfg)
+        if cfg.backbone == "vit" and h.local_size and h.local_size % cfg.patch_size:
+            raise ConfigError(f"scfs: local_size {h.local_size} must be a multiple of the ViT "
+                              f"patch size {cfg.patch_size}")
+
     def teacher_temperature(self, step: int) -> float:
         h = self.hyper
         if step >= h.teacher_temp_warmup_steps:
@@ -209,13 +263,23 @@ class SCFS(Method):
 
     def forward(self, batch: dict, ctx: StepContext, prepared=None):
         h = self.hyper
-        views = torch.cat([batch["view1"], batch["view2"]]).to(ctx.device, non_blocking=True)
-        half = views.shape[0] // 2
+        crops = batch.get("crops") or [batch["view1"], batch["view2"]]
+        crops = [c.to(ctx.device, non_blocking=True) for c in crops]
+        views, locals_ = torch.cat(crops[:2]), crops[2:]
+        half, n_local = views.shape[0] // 2, len(crops) - 2
         frozen = ctx.step < h.freeze_last_layer_steps
+        # the student on the two global views, then on the local crops (official: two calls, two
+        # BatchNorm batches)
         student_maps = dense_levels(self.encoder, views, self.levels)
         student_final = self.head(pooled(student_maps["c5"]), frozen_last_layer=frozen)
         student_layers = [head(student_maps[lv])
                           for head, lv in zip(self.layer_heads, self.levels)]
+        if n_local:
+            local_maps = dense_levels(self.encoder, torch.cat(locals_), self.levels)
+            student_final = torch.cat([student_final, self.head(pooled(local_maps["c5"]),
+                                                                frozen_last_layer=frozen)])
+            local_layers = [head(local_maps[lv])
+                            for head, lv in zip(self.layer_heads, self.levels)]
         ctx.mark("online_forward")
         with torch.no_grad():
             teacher_maps = dense_levels(self.target_encoder, views, self.levels)
@@ -223,10 +287,16 @@ class SCFS(Method):
             teacher_layers, teacher_searched = [], []
             for head, lv in zip(self.target_layer_heads, self.levels):
                 teacher_layers.append(head(teacher_maps[lv]))
-                query = F.normalize(pooled(student_maps[lv].detach()), dim=1)
-                # teacher view a searched with the student's view b ≠ a (rows [v1 ; v2])
-                query = torch.cat([query[half:], query[:half]])
-                teacher_searched.append(head(search(teacher_maps[lv], query)))
+                if n_local:
+                    # each local crop (crop-major rows) searches the teacher map of global view 1
+                    query = F.normalize(pooled(local_maps[lv].detach()), dim=1)
+                    target_map = teacher_maps[lv][:half].repeat(n_local, 1, 1, 1)
+                else:
+                    # teacher view a searched with the student's view b ≠ a (rows [v1 ; v2])
+                    query = F.normalize(pooled(student_maps[lv].detach()), dim=1)
+                    query = torch.cat([query[half:], query[:half]])
+                    target_map = teacher_maps[lv]
+                teacher_searched.append(head(search(target_map, query)))
         ctx.mark("target_forward")
         t_temp, s_temp = self.teacher_temperature(ctx.step), h.temperature
         loss_final = dino_cross_entropy(teacher_final, student_final, t_temp, s_temp, self.center)
@@ -235,8 +305,12 @@ class SCFS(Method):
         for index, level in enumerate(self.levels):
             glob = dino_cross_entropy(teacher_layers[index], student_layers[index], t_temp,
                                       s_temp, self.layer_centers[index])
-            searched = dino_cross_entropy(teacher_searched[index], student_layers[index], t_temp,
-                                          s_temp)
+            if n_local:
+                searched = paired_cross_entropy(teacher_searched[index], local_layers[index],
+                                                t_temp, s_temp)
+            else:
+                searched = dino_cross_entropy(teacher_searched[index], student_layers[index],
+                                              t_temp, s_temp)
             loss = loss + (glob + searched) / 2
             terms[f"loss_{level}_global"] = glob.detach()
             terms[f"loss_{level}_search"] = searched.detach()
@@ -269,15 +343,26 @@ class SCFS(Method):
         self._step_outputs = []
 
     def flops_per_image(self) -> float:
-        backbone = backbone_flops_per_image(self.cfg)
-        grid = dense_grid(self.cfg)          # C5's side; a ResNet's C4 is twice it, C3 4 times
-        scale = {"c3": 4, "c4": 2, "c5": 1} if self.cfg.backbone != "vit" else {}
-        cells = {lv: (scale.get(lv, 1) * grid) ** 2 for lv in self.levels}
-        layer = sum(head.flops(cells[lv]) for head, lv in zip(self.layer_heads, self.levels))
+        def parts(cfg):   # (backbone, layer heads) of one crop at cfg.img_size
+            grid = dense_grid(cfg)   # C5's side; a ResNet's C4 is twice it, C3 4 times
+            scale = {"c3": 4, "c4": 2, "c5": 1} if cfg.backbone != "vit" else {}
+            layer = sum(head.flops((scale.get(lv, 1) * grid) ** 2)
+                        for head, lv in zip(self.layer_heads, self.levels))
+            return backbone_flops_per_image(cfg), layer
+
+        backbone, layer = parts(self.cfg)
         final = self.head.flops()
-        student = backbone + final + layer
-        teacher = backbone + final + 2 * layer        # global and searched layer targets
-        return 2 * (3 * student + teacher)             # two views per image
+        n_local = self.hyper.local_crops
+        student = 2 * (backbone + final + layer)
+        if n_local:
+            local_backbone, local_layer = parts(
+                dataclasses.replace(self.cfg, img_size=self.local_side()))
+            student += n_local * (local_backbone + final + local_layer)
+            searched = n_local * layer          # each local crop's search of view 1's maps
+        else:
+            searched = 2 * layer                # each view's maps searched by the other view
+        teacher = 2 * (backbone + final + layer) + searched
+        return 3 * student + teacher
 
     def describe(self) -> str:
         h = self.hyper
@@ -287,4 +372,5 @@ class SCFS(Method):
                 f"{super().describe()}")
 
 
-__all__ = ["SCFS", "SCFSHyper", "DINOHead", "ShallowHead", "dino_cross_entropy", "search"]
+__all__ = ["SCFS", "SCFSHyper", "DINOHead", "ShallowHead", "dino_cross_entropy",
+           "paired_cross_entropy", "search"]
