@@ -15,7 +15,8 @@ import kernels
 # Every op a method may call with ctx.backend(op): --no-fused sets all of them to "reference" (an
 # op missing here would run "auto", i.e. Triton on CUDA, even with --no-fused).
 FUSED_OPS = ("patch_gather", "relpos_embed", "unigrad_loss", "dense_match", "pixpro_loss",
-             "queue_infonce", "pixel_propagation", "sinkhorn", "roi_align")
+             "queue_infonce", "pixel_propagation", "sinkhorn", "roi_align",
+             "linear_sum_assignment")
 
 
 @dataclass
@@ -63,6 +64,8 @@ def _probe(op: str, device: torch.device) -> None:
     elif op == "roi_align":
         boxes = torch.tensor([[0.0, 1.0, 1.0, 6.0, 6.0]], device=device)
         kernels.roi_align(torch.randn(1, 2, 8, 8, device=device), boxes, 2, backend="triton")
+    elif op == "linear_sum_assignment":
+        kernels.batched_linear_sum_assignment(torch.rand(1, 3, 2, device=device), backend="triton")
     else:
         raise KeyError(op)
 

@@ -25,6 +25,11 @@ from .dense_match import (
     pixpro_normalised_boxes,
     pixpro_positive_mask,
 )
+from .linear_sum_assignment import (
+    batched_linear_sum_assignment,
+    batched_linear_sum_assignment_reference,
+    linear_sum_assignment,
+)
 from .patch_gather import (
     patch_gather,
     patch_gather_reference,
@@ -56,10 +61,13 @@ from .unigrad_loss import (
 
 __all__ = [
     "absolute_sincos_table",
+    "batched_linear_sum_assignment",
+    "batched_linear_sum_assignment_reference",
     "dense_match",
     "dense_match_reference",
     "geometric_correspondence",
     "grid_sample_coordinates",
+    "linear_sum_assignment",
     "patch_gather",
     "patch_gather_reference",
     "pixel_propagation",
