@@ -25,7 +25,9 @@ setup(
     extras_require={
         # selective search for `python -m engine.proposals` (the contrib build has ximgproc)
         "proposals": ["opencv-contrib-python-headless>=4.5"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "opencv-contrib-python-headless>=4.5"],
+        # scipy: the tests' reference for the Hungarian matcher (scipy.optimize.linear_sum_assignment)
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "opencv-contrib-python-headless>=4.5",
+                "scipy>=1.9"],
         "dali": ["nvidia-dali-cuda130"],
     },
 )

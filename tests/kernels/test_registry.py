@@ -20,9 +20,12 @@ PUBLIC_OPS = {
     "geometric_correspondence": {"geometric_correspondence"},
     "pixpro_loss": {"pixpro_loss"},
     "queue_infonce": {"queue_infonce"},
+    "queue_infonce_grouped": {"queue_infonce_grouped"},
     "pixel_propagation": {"pixel_propagation"},
     "sinkhorn": {"sinkhorn"},
     "roi_align": {"roi_align"},
+    "linear_sum_assignment": {"linear_sum_assignment"},
+    "batched_linear_sum_assignment": {"linear_sum_assignment"},
 }
 # helpers that are not ops: references (plain autograd, by design) and geometry/table builders
 NOT_OPS = {"absolute_sincos_table", "relpos_coordinates", "grid_sample_coordinates",
@@ -67,11 +70,16 @@ def calls():
             image_size=torch.tensor([[20.0, 20.0]])),
         "queue_infonce": lambda: kernels.queue_infonce(unit(2, dim), unit(2, dim), unit(16, dim),
                                                        0.2),
+        "queue_infonce_grouped": lambda: kernels.queue_infonce_grouped(
+            unit(3, 2, dim), unit(3, 2, dim), unit(2, 16, dim), [0, 1, 0], 0.2),
         "pixel_propagation": lambda: kernels.pixel_propagation(torch.randn(1, 4, dim),
                                                                torch.randn(1, 4, dim)),
         "sinkhorn": lambda: kernels.sinkhorn(torch.randn(6, 10)),
         "roi_align": lambda: kernels.roi_align(
             torch.randn(2, 3, 8, 8), torch.tensor([[1, 0.5, 1.0, 6.0, 7.5]]), 2, 0.5),
+        "linear_sum_assignment": lambda: kernels.linear_sum_assignment(torch.rand(4, 3)),
+        "batched_linear_sum_assignment": lambda: kernels.batched_linear_sum_assignment(
+            torch.rand(2, 4, 3)),
     }
 
 
