@@ -145,11 +145,13 @@ OPS=(bench/test_unigrad_loss.py bench/test_relpos_embed.py bench/test_patch_gath
      bench/test_masking.py)
 [ -f bench/test_sinkhorn.py ] && OPS+=(bench/test_sinkhorn.py bench/test_roi_align.py)   # issue 12
 [ -f bench/test_optimizer_step.py ] && OPS+=(bench/test_optimizer_step.py)
+[ -f bench/test_ms_deform_attn.py ] && OPS+=(bench/test_ms_deform_attn.py)
 OPS_K="not compiled and not (test_patch_embed and (256 or fp32)) and not (test_token_gather and 256)"
 OPS_K+=" and not (test_relpos_query_embed and 256) and not (test_unigrad_loss and fp32)"
 OPS_K+=" and not (test_pixpro_loss and g14) and not (test_queue_infonce and fp32)"
 OPS_K+=" and not (test_pixel_propagation and fp32)"
 OPS_K+=" and not (test_sinkhorn and fp32) and not (test_roi_align and fp32)"
+OPS_K+=" and not (test_ms_deform_attn and fp32)"
 stage bench_ops 100 0 $PY -m pytest -q -p no:cacheprovider "${OPS[@]}" -k "$OPS_K" \
   --benchmark-only --benchmark-max-time=0.15 --benchmark-min-rounds=5 \
   --benchmark-json "$OUT/bench_ops.json"

@@ -16,7 +16,7 @@ import kernels
 # op missing here would run "auto", i.e. Triton on CUDA, even with --no-fused).
 FUSED_OPS = ("patch_gather", "relpos_embed", "unigrad_loss", "dense_match", "pixpro_loss",
              "queue_infonce", "pixel_propagation", "sinkhorn", "roi_align",
-             "linear_sum_assignment")
+             "linear_sum_assignment", "ms_deform_attn")
 
 
 @dataclass
@@ -66,6 +66,11 @@ def _probe(op: str, device: torch.device) -> None:
         kernels.roi_align(torch.randn(1, 2, 8, 8, device=device), boxes, 2, backend="triton")
     elif op == "linear_sum_assignment":
         kernels.batched_linear_sum_assignment(torch.rand(1, 3, 2, device=device), backend="triton")
+    elif op == "ms_deform_attn":
+        value = torch.randn(1, 6, 1, 4, device=device)
+        levels = (torch.tensor([[2, 3]], device=device), torch.tensor([0], device=device))
+        kernels.ms_deform_attn(value, *levels, torch.rand(1, 2, 1, 1, 1, 2, device=device),
+                               torch.rand(1, 2, 1, 1, 1, device=device), backend="triton")
     else:
         raise KeyError(op)
 

@@ -30,6 +30,7 @@ from .linear_sum_assignment import (
     batched_linear_sum_assignment_reference,
     linear_sum_assignment,
 )
+from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 from .patch_gather import (
     patch_gather,
     patch_gather_reference,
@@ -68,6 +69,8 @@ __all__ = [
     "geometric_correspondence",
     "grid_sample_coordinates",
     "linear_sum_assignment",
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
     "patch_gather",
     "patch_gather_reference",
     "pixel_propagation",
