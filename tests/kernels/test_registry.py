@@ -26,6 +26,7 @@ PUBLIC_OPS = {
     "roi_align": {"roi_align"},
     "linear_sum_assignment": {"linear_sum_assignment"},
     "batched_linear_sum_assignment": {"linear_sum_assignment"},
+    "ms_deform_attn": {"ms_deform_attn"},
 }
 # helpers that are not ops: references (plain autograd, by design) and geometry/table builders
 NOT_OPS = {"absolute_sincos_table", "relpos_coordinates", "grid_sample_coordinates",
@@ -80,6 +81,9 @@ def calls():
         "linear_sum_assignment": lambda: kernels.linear_sum_assignment(torch.rand(4, 3)),
         "batched_linear_sum_assignment": lambda: kernels.batched_linear_sum_assignment(
             torch.rand(2, 4, 3)),
+        "ms_deform_attn": lambda: kernels.ms_deform_attn(
+            torch.randn(1, 6, 1, 4), torch.tensor([[2, 3]]), torch.tensor([0]),
+            torch.rand(1, 2, 1, 1, 1, 2), torch.rand(1, 2, 1, 1, 1)),
     }
 
 
