@@ -102,6 +102,11 @@ cat "$OUT/versions.txt" >> "$summary"
 # 1. The Triton kernels compiled for this GPU against their float64 references (the test files
 #    put their tensors on CUDA when it is present).
 TRITON_TESTS=(tests/kernels/*_triton.py)
+for extra in tests/kernels/test_roi_align.py tests/kernels/test_sinkhorn.py \
+             tests/kernels/test_ms_deform_attn.py tests/kernels/test_linear_sum_assignment.py \
+             tests/kernels/test_queue_infonce_grouped.py; do   # issues 12-13: CUDA when present
+  [ -f "$extra" ] && TRITON_TESTS+=("$extra")
+done
 if [ "$CUDA" = 1 ]; then
   stage kernels_correctness 90 310 $PY -m bench.shard_pytest --shards 8 --out "$OUT/kernels" \
     "${TRITON_TESTS[@]}"
@@ -146,6 +151,7 @@ OPS=(bench/test_unigrad_loss.py bench/test_relpos_embed.py bench/test_patch_gath
 [ -f bench/test_sinkhorn.py ] && OPS+=(bench/test_sinkhorn.py bench/test_roi_align.py)   # issue 12
 [ -f bench/test_optimizer_step.py ] && OPS+=(bench/test_optimizer_step.py)
 [ -f bench/test_ms_deform_attn.py ] && OPS+=(bench/test_ms_deform_attn.py)
+[ -f bench/test_linear_sum_assignment.py ] && OPS+=(bench/test_linear_sum_assignment.py)
 OPS_K="not compiled and not (test_patch_embed and (256 or fp32)) and not (test_token_gather and 256)"
 OPS_K+=" and not (test_relpos_query_embed and 256) and not (test_unigrad_loss and fp32)"
 OPS_K+=" and not (test_pixpro_loss and g14) and not (test_queue_infonce and fp32)"
