@@ -50,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine.eval",
         description="kNN or linear-probe evaluation of a densesim encoder on frozen features.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("task", choices=["knn", "linear", "correspondence"],
+    parser.add_argument("task", choices=["knn", "linear", "correspondence", "pretext"],
                         help="knn: weighted kNN (InstDisc/DINO); linear: linear probe; "
-                             "correspondence: dense matching of crop pairs (label-free)")
+                             "correspondence: dense matching of crop pairs (label-free); "
+                             "pretext: a pre-trained detector (updetr, detreg, pairdetr) "
+                             "finding its own pretext targets on held-out images (label-free)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint.pt of a run (or the run folder, or an exported .pth "
                              "with its .json)")
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use a fixed random subset of N training images")
     parser.add_argument("--max-val", type=int, default=None, metavar="N",
                         help="use a fixed random subset of N validation images")
+    parser.add_argument("--proposals", default=None, metavar="FILE",
+                        help="pretext (detreg, pairdetr): the selective-search cache of "
+                             "--val-data (default: the folder's own, python -m engine.proposals)")
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON (default: eval_<task>.json next to the checkpoint)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -113,7 +118,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_options(args) -> None:
-    if args.task != "correspondence" and args.train_data is None:
+    if args.task not in ("correspondence", "pretext") and args.train_data is None:
         raise UsageError(f"{args.task} needs --train-data DIR (labelled training images)")
     if args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise UsageError("--crop-scale needs 0 < MIN <= MAX <= 1")
@@ -155,6 +160,8 @@ def run(args) -> dict:
     check_options(args)
     if args.task == "correspondence":
         return run_correspondence(args)
+    if args.task == "pretext":
+        return run_pretext(args)
     started = time.perf_counter()
     train_folder, val_folder = labelled_folders(args.train_data, args.val_data)
     device = resolve_device(args.device)
@@ -293,6 +300,73 @@ def run_correspondence(args) -> dict:
     return report
 
 
+def run_pretext(args) -> dict:
+    """The detector's pretext detection quality on held-out images (engine/eval/pretext.py)."""
+    import dataclasses
+
+    from engine.encoders import read_checkpoint
+    from engine.eval.pretext import evaluate_pretext
+    from engine.loaders import build_loader
+    from engine.methods import build_method
+    from engine.presets import PretrainConfig
+    from engine.trainer import RunError, load_run_proposals, seed_everything
+
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    cfg = (PretrainConfig.from_dict(checkpoint["config"]) if checkpoint is not None
+           else preset_config(args.preset))
+    seed_everything(cfg.seed)          # the trainer's initialisation (the random-init floor)
+    method = build_method(cfg)
+    if not hasattr(method, "detections"):
+        raise UsageError(f"pretext: method {cfg.method} trains no detector (updetr, detreg and "
+                         f"pairdetr do); use knn, linear or correspondence")
+    if checkpoint is not None and not args.random_init:
+        method.load_state_dict(checkpoint["model"])
+    method.to(device)
+    views = method.views
+    proposals = None
+    if views.proposals:
+        try:
+            proposals, _ = load_run_proposals(args.val_data, args.proposals, views.proposals,
+                                              cfg.method)
+        except RunError as exc:
+            raise UsageError(str(exc)) from exc
+    batch = min(args.batch_size, 16)
+    eval_cfg = dataclasses.replace(cfg, loader="torch", batch_size=batch, workers=args.workers,
+                                   seed=SUBSET_SEED)
+    loader, _ = build_loader(eval_cfg, args.val_data, device, fused=False, views=views,
+                             proposals=proposals)
+    max_images = args.max_val or 256
+    if not args.quiet:
+        print(f"pretext: {max_images} images of {args.val_data}; {cfg.method} on "
+              f"{describe_backbone(cfg)}{' (random init)' if args.random_init else ''}; "
+              f"device {device}", file=sys.stderr, flush=True)
+    scores = evaluate_pretext(method, loader, device, max_images, SUBSET_SEED,
+                              progress=not args.quiet)
+    out = args.out or default_out(args)
+    report = {
+        "task": "pretext",
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+        "step": None if checkpoint is None or args.random_init else checkpoint.get("step"),
+        "random_init": args.random_init, "preset": cfg.preset, "method": cfg.method,
+        "backbone": describe_backbone(cfg), "val_data": str(args.val_data),
+        "img_size": cfg.img_size, "seed": SUBSET_SEED,
+        "results": scores.summary(),
+        "definition": "class-agnostic detection of the method's own pretext targets (UP-DETR: "
+                      "the random query patches given as queries; DETReg / Pair DETR: the "
+                      "image's selective-search proposals) on one augmented view of each "
+                      "held-out image (the training loader's views, fixed seed): AP50 / AP75 "
+                      "(greedy matching by score, all-point interpolation), AR@k at IoU 0.5 "
+                      "over the top-k predictions per image, mean best IoU per target",
+        "elapsed_s": {"total": time.perf_counter() - started},
+        "device": str(device), "torch": torch.__version__,
+    }
+    _write(out, report)
+    report["out"] = str(out)
+    return report
+
+
 def _write(out: Path, report: dict) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -304,6 +378,15 @@ def _write(out: Path, report: dict) -> None:
 
 def format_table(report: dict) -> str:
     lines = []
+    if report["task"] == "pretext":
+        r = report["results"]
+        recalls = "  ".join(f"{k} {100 * v:.1f}" for k, v in r.items() if k.startswith("AR@"))
+        return (f"AP50 {100 * r['AP50']:.2f}  AP75 {100 * r['AP75']:.2f}  {recalls}  "
+                f"mean best IoU {r['mean_best_iou']:.3f}\n{r['images']} images, {r['targets']} "
+                f"targets, {r['predictions_per_image']} predictions per image, "
+                f"{report['device']}, {report['elapsed_s']['total']:.1f} s"
+                + (" (random init)" if report["random_init"] else "")
+                + f"; written to {report['out']}")
     if report["task"] == "correspondence":
         r = report["results"]
         return "\n".join([
