@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from engine.checkpoint import CHECKPOINT_NAME, CheckpointError
 from engine.models.backbones import build_backbone
-from engine.models.resnet import ResNet, torchvision_resnet_state_keys
+from engine.models.resnet import ResNet, build_resnet, torchvision_resnet_state_keys
 from engine.models.vit import VisionTransformer
 from engine.presets import PretrainConfig
 
@@ -105,6 +105,22 @@ def build_encoder(cfg: PretrainConfig, seed: int | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed if seed is None else seed)
         return build_backbone(cfg)
+
+
+def with_batch_counters(state: dict, expected) -> dict:
+    """`state` with a 0 `num_batches_tracked` added for every BatchNorm of `expected` (names) whose
+    other statistics are there but whose counter is not: a backbone with FrozenBatchNorm2d (the
+    detector methods' frozen-BN ResNet, DETR's convention) has no counters, and torchvision's
+    layout does. The counter only matters to BatchNorm's momentum=None mode, which nothing uses."""
+    missing = [name for name in expected if name.endswith("num_batches_tracked")
+               and name not in state
+               and name.removesuffix("num_batches_tracked") + "running_mean" in state]
+    if not missing:
+        return state
+    state = dict(state)
+    for name in missing:
+        state[name] = torch.zeros((), dtype=torch.int64)
+    return state
 
 
 # ----------------------------------------------------------------------------- export: ViT (timm)
@@ -225,6 +241,7 @@ def export_torchvision_state_dict(checkpoint: str | Path | dict,
     expected = dict(torchvision_resnet_state_keys(cfg.backbone))
     if cfg.cifar_stem:
         expected["conv1.weight"] = (64, 3, 3, 3)
+    ours = with_batch_counters(ours, expected)
     _check_shapes(ours, expected, "the checkpoint's encoder", "torchvision ResNet")
     return {name: (ours[name].detach().to("cpu", torch.float32) if ours[name].is_floating_point()
                    else ours[name].detach().to("cpu")).contiguous().clone() for name in expected}
@@ -390,6 +407,8 @@ def load_encoder_with_info(checkpoint_path: str | Path | None, device: torch.dev
     encoder = build_encoder(cfg)
     if not random_init:
         state = encoder_state(checkpoint["model"], branch)
+        if isinstance(encoder, ResNet):
+            state = with_batch_counters(state, encoder.state_dict())
         try:
             encoder.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -398,6 +417,70 @@ def load_encoder_with_info(checkpoint_path: str | Path | None, device: torch.dev
                                   f"({first[1].strip() if len(first) > 1 else first[0]})") from exc
     return encoder.to(device).eval(), cfg, {"source": "checkpoint", "path": str(path),
                                              "step": checkpoint.get("step")}
+
+
+# ----------------------------------------------------------------------------- initial weights
+# Heads of self-supervised checkpoints that are not part of the ResNet (torchvision's classifier,
+# SwAV's projection head and prototypes): dropped when a ResNet is read out of a raw state dict.
+_RESNET_HEAD_PREFIXES = ("fc.", "projection_head.", "prototypes.")
+
+
+def resnet_from_weights(path: str | Path) -> ResNet:
+    """A densesim ResNet (torchvision names, BatchNorm2d) holding pre-trained weights, for methods
+    that start from them (DETReg's SwAV-initialised backbone and embedding encoder).
+
+    path: a densesim checkpoint or run folder of any method on a ResNet (its online encoder), an
+    exported torchvision-resnet file (FILE + FILE.json), or a raw torchvision-named ResNet state
+    dict such as SwAV's released `swav_800ep_pretrain.pth.tar` (optionally under "state_dict" or
+    "model", keys optionally behind "module." or one common prefix such as "backbone.0.body.";
+    fc / projection_head / prototypes tensors are ignored). The architecture (resnet18 or
+    resnet50, CIFAR stem or not) is read from the tensors. Anything else: one-line CheckpointError.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"pre-trained weights {path} do not exist: pass a densesim "
+                              f"checkpoint / run folder, an exported encoder or a torchvision "
+                              f"ResNet state dict")
+    meta = path.with_name(path.name + ".json")
+    if not path.is_dir() and not (meta.is_file() and _is_export_metadata(meta)):
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a densesim checkpoint holds more than tensors (config, RNG states)
+            raw = None
+        if isinstance(raw, dict) and not {"model", "config"} <= set(raw):
+            return _resnet_from_state_dict(raw, path)
+    encoder, _, _ = load_encoder_with_info(path)
+    if not isinstance(encoder, ResNet):
+        raise CheckpointError(f"{path} holds a {type(encoder).__name__}, not a ResNet")
+    return encoder.train()
+
+
+def _resnet_from_state_dict(raw: dict, path: Path) -> ResNet:
+    for key in ("state_dict", "model"):
+        if isinstance(raw.get(key), dict):
+            raw = raw[key]
+            break
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    prefixes = sorted({k[:-len("conv1.weight")] for k in tensors if k.endswith("conv1.weight")
+                       and k[:-len("conv1.weight")] + "layer1.0.conv1.weight" in tensors})
+    if not prefixes:
+        raise CheckpointError(f"{path} is not a ResNet state dict (no conv1.weight beside "
+                              f"layer1.0.conv1.weight)")
+    if len(prefixes) > 1 and "" not in prefixes:
+        raise CheckpointError(f"{path} holds several ResNets (under "
+                              f"{', '.join(repr(p) for p in prefixes[:3])}): save the one to use "
+                              f"in its own file")
+    prefix = "" if "" in prefixes else prefixes[0]
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith(_RESNET_HEAD_PREFIXES)}
+    name = "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
+    cifar_stem = state["conv1.weight"].shape[-1] == 3
+    encoder = build_resnet(name, cifar_stem=cifar_stem)
+    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    state = with_batch_counters(state, expected)
+    _check_shapes(state, expected, f"{path}", f"torchvision {name}")
+    encoder.load_state_dict(state, strict=True)
+    return encoder
 
 
 def _is_export_metadata(path: Path) -> bool:
@@ -412,5 +495,6 @@ __all__ = [
     "encoder_from_timm_state_dict", "encoder_from_torchvision_state_dict", "export_metadata",
     "export_state_dict", "export_timm_state_dict", "export_torchvision_state_dict",
     "load_encoder", "load_encoder_with_info", "load_exported_encoder", "read_checkpoint",
-    "resnet_export_metadata", "resolve_checkpoint_path", "timm_vit_shapes", "write_export",
+    "resnet_export_metadata", "resnet_from_weights", "resolve_checkpoint_path", "timm_vit_shapes",
+    "with_batch_counters", "write_export",
 ]

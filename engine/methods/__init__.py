@@ -11,6 +11,8 @@
     detco      DetCo (Xie et al., ICCV 2021): multi-level global/local (3x3 jigsaw) contrast
     ccop       CCOP (Yang et al., 2021): R50-FPN RoI contrast on selective-search boxes
     scfs       SCFS (Song et al., ICCV 2023): semantics-consistent feature search
+    detreg     DETReg (Bar et al., CVPR 2022): Deformable DETR finding selective-search proposals
+               and predicting their frozen SwAV embeddings
 
 Each module defines one `Method` subclass (engine/methods/base.py has the contract); the modules
 are imported on first use, so listing the methods costs nothing.
@@ -34,6 +36,7 @@ METHODS = {
     "detco": ("engine.methods.detco", "DetCo"),
     "ccop": ("engine.methods.ccop", "CCOP"),
     "scfs": ("engine.methods.scfs", "SCFS"),
+    "detreg": ("engine.methods.detreg", "DETReg"),
 }
 
 

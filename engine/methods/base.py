@@ -29,6 +29,7 @@ method never reaches into the trainer.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -223,6 +224,27 @@ class Method(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
+_INITIAL_WEIGHTS = [True]
+
+
+@contextlib.contextmanager
+def skip_initial_weights():
+    """Build methods without reading the pre-trained weights their hyperparameters name (DETReg's
+    embedding_checkpoint / backbone_checkpoint): for code that only needs the method's structure
+    (the detector export) or restores every tensor from a checkpoint right after building. A
+    method that loads such files asks `initial_weights_wanted()` first."""
+    _INITIAL_WEIGHTS.append(False)
+    try:
+        yield
+    finally:
+        _INITIAL_WEIGHTS.pop()
+
+
+def initial_weights_wanted() -> bool:
+    """False inside `skip_initial_weights()`."""
+    return _INITIAL_WEIGHTS[-1]
+
+
 def _coerce(method: str, key: str, value, spec: dataclasses.Field):
     """A --method-arg value (often a string from the CLI) as the type of the Hyper field."""
     default = spec.default if spec.default is not dataclasses.MISSING else None
@@ -249,4 +271,5 @@ def _coerce(method: str, key: str, value, spec: dataclasses.Field):
                           f"{kind.__name__}") from exc
 
 
-__all__ = ["CropSpec", "Method", "StepContext", "ViewSpec"]
+__all__ = ["CropSpec", "Method", "StepContext", "ViewSpec", "initial_weights_wanted",
+           "skip_initial_weights"]
