@@ -384,6 +384,30 @@ for _method in _SMALL_ARGS:
 # come from python -m engine.proposals --data <cifar folder>).
 PRESETS["ccop-r18-cifar-cpu"]["method_args"] = dict(_SMALL_ARGS["ccop"], curriculum_steps=191)
 
+# ------------------------------------------------------------------ detector pre-training
+# DETReg (configs/DETReg_top30_in.sh + README: 8 GPUs x 24 on ImageNet, Deformable DETR, top-30
+# proposals, SwAV backbone frozen (--lr_backbone 0), 5 epochs; util/default_args.py: AdamW lr 2e-4,
+# weight decay 1e-4 on every tensor, clip 0.1, step drop at epoch 40, i.e. never in 5 epochs).
+# Here: the lr is blr x global batch / 256 = 2e-4 at 8 x 24, no warm-up, and the engine's cosine
+# to 0 over the 5 epochs (the trainer has no constant schedule: the mean lr is half DETReg's), one
+# lr for every tensor (DETReg: 0.1x on sampling_offsets / reference_points). Square 448 px views (DETReg: short side 320..480, max 600,
+# aspect kept) of crop scale (0.3, 1) (DETReg: the whole image or a DETR random size crop); colour
+# "mocov2" = DETReg's per-crop SimCLR table, drawn per image (see engine/methods/detreg.py).
+# backbone_checkpoint / embedding_checkpoint: pass SwAV's weights with --method-arg.
+_DETREG_OPTIM = dict(optimizer="adamw", betas=(0.9, 0.999), weight_decay=1e-4,
+                     weight_decay_filter="none", clip_grad=0.1, warmup_epochs=0)
+PRESETS["detreg-r50"] = dict(method="detreg", **dict(_R50, img_size=448), **_DETREG_OPTIM,
+                             augmentation="mocov2", crop_scale=(0.3, 1.0), batch_size=24,
+                             epochs=5, blr=2e-4 * 256 / 192, min_lr=0.0)
+# The CPU demo: ResNet-18 (CIFAR stem) at 64 px on the embedded photos, a 2+2-layer Deformable
+# DETR of width 64 on C5 only, 50 queries, 16 px proposal crops; 60 steps of batch 16.
+PRESETS["detreg-demo-cpu"] = dict(
+    method="detreg", backbone="resnet18", cifar_stem=True, img_size=64, **_DETREG_OPTIM,
+    augmentation="mocov2", crop_scale=(0.3, 1.0), blur=False, batch_size=16, epochs=0, steps=60,
+    warmup_steps=5, blr=6.4e-3, workers=2, log_every=5, checkpoint_every=30,
+    method_args=dict(hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
+                     num_queries=50, num_feature_levels=1, crop_size=16))
+
 DEFAULT_PRESET = "sim-demo-cpu"
 
 
