@@ -282,10 +282,12 @@ def resnet_export_metadata(cfg: PretrainConfig, source: str | None = None,
 
 
 def write_export(checkpoint_path: str | Path, out: str | Path,
-                 branch: str = "online") -> tuple[Path, Path]:
-    """Write FILE (the state dict) and FILE.json (metadata), each atomically; returns both."""
+                 branch: str = "online", checkpoint: dict | None = None) -> tuple[Path, Path]:
+    """Write FILE (the state dict) and FILE.json (metadata), each atomically; returns both.
+    `checkpoint`: the file already loaded (it is read otherwise)."""
     path = resolve_checkpoint_path(checkpoint_path)
-    checkpoint = read_checkpoint(path)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path)
     state = export_state_dict(checkpoint, branch)
     cfg = PretrainConfig.from_dict(checkpoint["config"])
     meta = (export_metadata if cfg.backbone == "vit" else resnet_export_metadata)(
@@ -305,6 +307,341 @@ def write_export(checkpoint_path: str | Path, out: str | Path,
     except OSError as exc:
         raise CheckpointError(f"cannot write {out} ({exc.strerror or exc}): choose a writable "
                               f"--out") from exc
+    return out, meta_path
+
+
+# ----------------------------------------------------------------------------- export: detectors
+DETR_FORMAT = "detr"                        # facebookresearch/detr, dddzg/up-detr
+DEFORMABLE_DETR_FORMAT = "deformable-detr"  # fundamentalvision/Deformable-DETR, amirbar/DETReg
+DETECTOR_FORMATS = (DETR_FORMAT, DEFORMABLE_DETR_FORMAT)
+_LINEAR = ("weight", "bias")
+_ATTENTION = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+_DEFORM_ATTENTION = tuple(f"{m}.{t}" for m in ("sampling_offsets", "attention_weights",
+                                                "value_proj", "output_proj") for t in _LINEAR)
+
+
+def _names(prefix: str, modules, tensors=_LINEAR) -> list[str]:
+    return [f"{prefix}{m}.{t}" for m in modules for t in tensors]
+
+
+def official_backbone_keys(backbone: str) -> list[str]:
+    """`backbone.0.body.*` of DETR / Deformable DETR: torchvision's ResNet under
+    IntermediateLayerGetter (stem to layer4, no fc) with FrozenBatchNorm2d (weight, bias,
+    running_mean, running_var: no num_batches_tracked)."""
+    return [f"backbone.0.body.{name}" for name in torchvision_resnet_state_keys(backbone)
+            if not name.endswith("num_batches_tracked")]
+
+
+def official_detr_keys(arch: dict) -> list[str]:
+    """The state-dict keys of facebookresearch/detr's DETR (models/detr.py, transformer.py,
+    backbone.py; UP-DETR's models/updetr.py adds only its pretext heads), for `arch` as
+    `detector_architecture` gives it: transformer (encoder norm only with pre_norm), class_embed,
+    bbox_embed (3-layer MLP), query_embed, input_proj (one 1x1 conv), backbone."""
+    keys = []
+    for i in range(arch["enc_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        keys += [p + "self_attn." + t for t in _ATTENTION]
+        keys += _names(p, ("linear1", "linear2", "norm1", "norm2"))
+    if arch["pre_norm"]:
+        keys += _names("transformer.encoder.", ("norm",))
+    for i in range(arch["dec_layers"]):
+        p = f"transformer.decoder.layers.{i}."
+        keys += [p + a + "." + t for a in ("self_attn", "multihead_attn") for t in _ATTENTION]
+        keys += _names(p, ("linear1", "linear2", "norm1", "norm2", "norm3"))
+    keys += _names("transformer.decoder.", ("norm",))
+    keys += _names("", ("class_embed",) + tuple(f"bbox_embed.layers.{k}" for k in range(3)))
+    keys += ["query_embed.weight"] + _names("", ("input_proj",))
+    return keys + official_backbone_keys(arch["backbone"])
+
+
+def official_deformable_detr_keys(arch: dict) -> list[str]:
+    """The state-dict keys of fundamentalvision/Deformable-DETR's single-stage DeformableDETR
+    (models/deformable_detr.py, deformable_transformer.py, ops/modules/ms_deform_attn.py; DETReg's
+    models/deformable_detr.py adds only its pretext head `feature_embed`): one class / box head
+    per decoder layer in the state dict (shared modules without box refinement, clones with it,
+    which the decoder also lists as transformer.decoder.bbox_embed.N), input_proj.N (conv +
+    GroupNorm) per feature level, level_embed and reference_points."""
+    keys = ["transformer.level_embed"]
+    for i in range(arch["enc_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        keys += [p + "self_attn." + t for t in _DEFORM_ATTENTION]
+        keys += _names(p, ("norm1", "linear1", "linear2", "norm2"))
+    for i in range(arch["dec_layers"]):
+        p = f"transformer.decoder.layers.{i}."
+        keys += [p + "cross_attn." + t for t in _DEFORM_ATTENTION]
+        keys += _names(p, ("norm1",)) + [p + "self_attn." + t for t in _ATTENTION]
+        keys += _names(p, ("norm2", "linear1", "linear2", "norm3"))
+    box_layers = [f"layers.{k}" for k in range(3)]
+    if arch["with_box_refine"]:
+        keys += _names("transformer.decoder.bbox_embed.",
+                       [f"{i}.{m}" for i in range(arch["dec_layers"]) for m in box_layers])
+    keys += _names("transformer.", ("reference_points",))
+    keys += _names("class_embed.", [str(i) for i in range(arch["dec_layers"])])
+    keys += _names("bbox_embed.", [f"{i}.{m}" for i in range(arch["dec_layers"])
+                                   for m in box_layers])
+    keys += ["query_embed.weight"]
+    keys += _names("input_proj.", [f"{i}.{k}" for i in range(arch["num_feature_levels"])
+                                   for k in (0, 1)])
+    return keys + official_backbone_keys(arch["backbone"])
+
+
+def find_detector(method: nn.Module) -> tuple[str, nn.Module, str]:
+    """(state-dict prefix, module, format) of the detector a method holds: the outermost module
+    that is a DETR or DeformableDETR (engine/models/detr.py), else the outermost DETR-like one (a
+    `transformer` of DETR's or Deformable DETR's type beside a `backbone` Joiner and a
+    `query_embed`, e.g. a variant with extra heads). Found by type, whatever the method's name
+    for it; CheckpointError when there is none."""
+    from engine.models.detr import DETR, DeformableDETR, DeformableTransformer, Joiner, Transformer
+
+    def kind(module):
+        if isinstance(module, DETR):
+            return DETR_FORMAT
+        if isinstance(module, DeformableDETR):
+            return DEFORMABLE_DETR_FORMAT
+        return None
+
+    def like(module):
+        if not (isinstance(getattr(module, "backbone", None), Joiner)
+                and isinstance(getattr(module, "query_embed", None), nn.Embedding)):
+            return None
+        transformer = getattr(module, "transformer", None)
+        if isinstance(transformer, Transformer):
+            return DETR_FORMAT
+        if isinstance(transformer, DeformableTransformer):
+            return DEFORMABLE_DETR_FORMAT
+        return None
+
+    for test in (kind, like):
+        for name, module in method.named_modules():
+            found = test(module)
+            if found:
+                return (name + "." if name else ""), module, found
+    raise CheckpointError(f"method {getattr(method, 'name', type(method).__name__)} holds no DETR "
+                          f"or Deformable DETR: only its backbone can be exported")
+
+
+def detector_architecture(module: nn.Module, fmt: str) -> dict:
+    """The hyperparameters that fix a detector's official state-dict layout, read off the module."""
+    transformer = module.transformer
+    body = module.backbone[0].body
+    class_embed = module.class_embed
+    if isinstance(class_embed, nn.ModuleList):
+        class_embed = class_embed[0]
+    arch = {"backbone": body.name, "cifar_stem": body.cifar_stem,
+            "hidden_dim": transformer.d_model, "nheads": transformer.nhead,
+            "enc_layers": len(transformer.encoder.layers),
+            "dec_layers": len(transformer.decoder.layers),
+            "dim_feedforward": transformer.encoder.layers[0].linear1.out_features,
+            "num_queries": module.query_embed.num_embeddings}
+    if fmt == DETR_FORMAT:
+        arch["num_classes"] = class_embed.out_features - 1        # + the no-object logit
+        arch["pre_norm"] = transformer.encoder.norm is not None
+    else:
+        arch["num_classes"] = class_embed.out_features
+        arch["num_feature_levels"] = transformer.level_embed.shape[0]
+        arch["enc_n_points"] = transformer.encoder.layers[0].self_attn.n_points
+        arch["dec_n_points"] = transformer.decoder.layers[0].cross_attn.n_points
+        arch["with_box_refine"] = transformer.decoder.bbox_embed is not None
+    return arch
+
+
+def _official_args(arch: dict, fmt: str) -> str:
+    """The official main.py flags that build the same architecture (num_classes comes from
+    --dataset_file there, not a flag)."""
+    args = [f"--backbone {arch['backbone']}", f"--hidden_dim {arch['hidden_dim']}",
+            f"--nheads {arch['nheads']}", f"--enc_layers {arch['enc_layers']}",
+            f"--dec_layers {arch['dec_layers']}", f"--dim_feedforward {arch['dim_feedforward']}",
+            f"--num_queries {arch['num_queries']}"]
+    if fmt == DETR_FORMAT:
+        args += ["--pre_norm"] if arch["pre_norm"] else []
+    else:
+        args += [f"--num_feature_levels {arch['num_feature_levels']}",
+                 f"--enc_n_points {arch['enc_n_points']}", f"--dec_n_points {arch['dec_n_points']}"]
+        args += ["--with_box_refine"] if arch["with_box_refine"] else []
+    return " ".join(args)
+
+
+def _export_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach().to("cpu")
+    return (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).contiguous().clone()
+
+
+def export_detector(checkpoint: str | Path | dict) -> tuple[dict, dict]:
+    """The detector of a detector method's checkpoint (UP-DETR, DETReg, Pair DETR: whatever holds
+    a DETR / Deformable DETR, found by type) in the official repos' checkpoint layout:
+    ({"model": {official name: tensor}, "pretext_heads": {method name: tensor}}, metadata).
+
+    "model" holds exactly the official key set of the architecture (`official_detr_keys` /
+    `official_deformable_detr_keys`), fp32 CPU tensors. A DETR-like module that lacks some
+    official tensors (a variant with other heads) gets the ones it has; the metadata lists the
+    rest. "pretext_heads" holds every other trained tensor of the method (the detector's extra
+    modules and the method's own heads: DETReg's feature_embed, UP-DETR's patch2query and
+    feature_align, Pair DETR's second decoder and pair projections) under the method's
+    state-dict names; the official loaders read only checkpoint["model"] and never see them.
+    Frozen target networks (DETReg's embedding encoder) are not exported."""
+    from engine.methods import build_method
+    from engine.methods.base import skip_initial_weights
+
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
+    cfg = PretrainConfig.from_dict(checkpoint["config"])
+    state = {}
+    for key, value in checkpoint["model"].items():
+        for wrapper in _WRAPPER_PREFIXES:
+            key = key.removeprefix(wrapper)
+        state[key] = value
+    try:
+        with skip_initial_weights(), torch.random.fork_rng(devices=[]):
+            method = build_method(cfg)      # the structure only: every tensor comes from `state`
+    except ValueError as exc:
+        raise CheckpointError(f"cannot rebuild method {cfg.method} from the checkpoint's config: "
+                              f"{exc}") from exc
+    prefix, module, fmt = find_detector(method)
+    from engine.models.detr import DETR, DeformableDETR
+    exact = isinstance(module, (DETR, DeformableDETR))
+    arch = detector_architecture(module, fmt)
+    official = (official_detr_keys if fmt == DETR_FORMAT else official_deformable_detr_keys)(arch)
+    own = module.state_dict()
+    model, missing, unmapped = {}, [], []
+    for key in official:
+        if key in own and prefix + key in state:
+            if tuple(state[prefix + key].shape) != tuple(own[key].shape):
+                raise CheckpointError(f"{prefix + key} has shape {tuple(state[prefix + key].shape)}"
+                                      f", its config builds {tuple(own[key].shape)}")
+            model[key] = _export_tensor(state[prefix + key])
+        else:
+            missing.append(key)
+    if missing and (exact or not model):
+        raise CheckpointError(f"the checkpoint's detector lacks official tensors "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    official_set = set(model)
+    exported_ids = {id(t) for name, t in module.named_parameters(remove_duplicate=False)
+                    if name in official_set}
+    pretext = {}
+    for name, param in method.named_parameters():
+        if param.requires_grad and id(param) not in exported_ids:
+            if name not in state:
+                unmapped.append(name)
+            else:
+                pretext[name] = _export_tensor(state[name])
+    if unmapped:
+        raise CheckpointError(f"the checkpoint lacks trained tensors its method has: "
+                              f"{', '.join(unmapped[:3])}")
+    meta = detector_metadata(cfg, fmt, arch, sorted(pretext), missing, prefix,
+                             source_step=checkpoint.get("step"))
+    return {"model": model, "pretext_heads": pretext}, meta
+
+
+def detector_metadata(cfg: PretrainConfig, fmt: str, arch: dict, pretext: list[str],
+                      missing: list[str], prefix: str, source: str | None = None,
+                      source_step: int | None = None) -> dict:
+    """FILE.json of a detector export: the format, the architecture and the official flags that
+    build it, how each official fine-tuning script loads the file, what is left out."""
+    flags = _official_args(arch, fmt)
+    notes = ["backbone.0.body.*: FrozenBatchNorm2d buffers (weight, bias, running_mean, "
+             "running_var) as in the official models; torchvision's BatchNorm2d also loads them "
+             "(strict=False: its num_batches_tracked stay 0)",
+             "input: RGB in [0, 1], ImageNet mean/std normalised, as the official transforms"]
+    if arch["cifar_stem"]:
+        notes.append("CIFAR stem (3x3 conv1, no max-pool): the official repos build torchvision's "
+                     "7x7 stem, so this file does not load there (a test-scale export)")
+    if arch["backbone"] != "resnet50" and fmt == DEFORMABLE_DETR_FORMAT:
+        notes.append(f"{arch['backbone']}: the official Deformable DETR backbone hard-codes "
+                     f"ResNet-50's channels (512/1024/2048) and asserts against resnet18: edit "
+                     f"its models/backbone.py to load this file")
+    if fmt == DETR_FORMAT:
+        loaders = {
+            "dddzg/up-detr (fine-tune)": (
+                f"python detr_main.py {flags} --pretrain FILE: deletes every key containing "
+                f"'class_embed' (the pre-training head has {arch['num_classes'] + 1} logits) "
+                f"and loads the rest with strict=False"),
+            "facebookresearch/detr": (
+                f"python main.py {flags} --resume FILE loads checkpoint['model'] strictly: only "
+                f"when num_classes + 1 = {arch['num_classes'] + 1} logits match; otherwise drop "
+                f"class_embed.* and load_state_dict(strict=False) yourself (as UP-DETR's "
+                f"--pretrain). FILE has no optimizer/lr_scheduler/epoch, so training starts at "
+                f"epoch 0"),
+        }
+    else:
+        loaders = {
+            "amirbar/DETReg (fine-tune)": (
+                f"python main.py {flags} --pretrain FILE: deletes every key containing "
+                f"'class_embed' and loads the rest with strict=False (as its "
+                f"configs/DETReg_fine_tune_*.sh)"),
+            "fundamentalvision/Deformable-DETR": (
+                f"python main.py {flags} --resume FILE loads checkpoint['model'] with "
+                f"strict=False, but a shape mismatch still fails: class_embed.* has "
+                f"{arch['num_classes']} logits (COCO's 91); for another dataset drop class_embed.*"
+                f" first. FILE has no optimizer/lr_scheduler/epoch, so training starts at epoch 0"),
+        }
+    if pretext:
+        notes.append("checkpoint['pretext_heads']: the pre-training-only heads under the densesim "
+                     "method's names (not read by any official loader)"
+                     + ("; DETReg's feature_embed.* has DETReg's own name: "
+                        "model.update(pretext_heads) is DETReg's pre-training checkpoint layout"
+                        if any(name.startswith("feature_embed.") for name in pretext) else ""))
+    if missing:
+        notes.append(f"{len(missing)} official tensors are not in this model (a DETR variant with "
+                     f"other heads): an official loader with strict=False keeps its own "
+                     f"initialisation for them")
+    return {
+        "format": fmt,
+        "file": "torch.save({'model': state_dict, 'pretext_heads': {...}}); loads with "
+                "torch.load(FILE, weights_only=True)",
+        "architecture": arch,
+        "official_args": flags,
+        "official_code": ("facebookresearch/detr @ 29901c5, dddzg/up-detr @ 44c0c6e"
+                          if fmt == DETR_FORMAT else
+                          "fundamentalvision/Deformable-DETR @ 11169a6, amirbar/DETReg @ a4b6363"),
+        "loading": loaders,
+        "pretext_heads": pretext,
+        "missing_official_keys": missing,
+        "left_out": ["frozen target networks (DETReg's embedding_encoder.*)",
+                     "the backbone alias encoder.* (the same tensors as backbone.0.body.*; "
+                     "exported in torchvision names by the backbone export)",
+                     "num_batches_tracked of a non-frozen BatchNorm backbone"],
+        "notes": notes,
+        "source": {"checkpoint": source, "step": source_step, "preset": cfg.preset,
+                   "method": cfg.method, "seed": cfg.seed, "detector_module": prefix.rstrip("."),
+                   "torch": torch.__version__},
+    }
+
+
+def holds_detector(checkpoint: dict) -> bool:
+    """Whether a loaded checkpoint's model has a DETR-family detector (a cheap look at the names;
+    export_detector then finds it by type)."""
+    return any(key.endswith("query_embed.weight") for key in checkpoint["model"]) and any(
+        ".transformer." in f".{key}" for key in checkpoint["model"])
+
+
+def write_detector_export(checkpoint_path: str | Path, out: str | Path,
+                          checkpoint: dict | None = None) -> tuple[Path, Path]:
+    """Write the detector export FILE and FILE.json (each atomically); returns both."""
+    path = resolve_checkpoint_path(checkpoint_path)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path)
+    payload, meta = export_detector(checkpoint)
+    meta["source"]["checkpoint"] = str(path)
+    return write_detector_file(out, payload, meta)
+
+
+def write_detector_file(out: str | Path, payload: dict, meta: dict) -> tuple[Path, Path]:
+    """torch.save(payload) to FILE and json meta to FILE.json, each atomically."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a folder: give a file name, e.g. {out}/detector.pth")
+    meta_path = out.with_name(out.name + ".json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, out)
+        tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_meta, meta_path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out} ({exc.strerror or exc}): choose a writable "
+                              f"path") from exc
     return out, meta_path
 
 
@@ -496,5 +833,8 @@ __all__ = [
     "export_state_dict", "export_timm_state_dict", "export_torchvision_state_dict",
     "load_encoder", "load_encoder_with_info", "load_exported_encoder", "read_checkpoint",
     "resnet_export_metadata", "resnet_from_weights", "resolve_checkpoint_path", "timm_vit_shapes",
-    "with_batch_counters", "write_export",
+    "with_batch_counters", "write_export", "DETECTOR_FORMATS", "DETR_FORMAT",
+    "DEFORMABLE_DETR_FORMAT", "detector_architecture", "detector_metadata", "export_detector",
+    "find_detector", "holds_detector", "official_backbone_keys", "official_deformable_detr_keys",
+    "official_detr_keys", "write_detector_export", "write_detector_file",
 ]
