@@ -408,6 +408,39 @@ PRESETS["detreg-demo-cpu"] = dict(
     method_args=dict(hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
                      num_queries=50, num_feature_levels=1, crop_size=16))
 
+# UP-DETR (README's pre-training command + main.py defaults: 8 GPUs x 32 on ImageNet, 60 epochs,
+# AdamW lr 1e-4 at that batch of 256, weight decay 1e-4 on every tensor, clip 0.1, lr x 0.1 at
+# epoch 40, the SwAV CNN frozen, pre-norm transformer). Here: no warm-up, then the engine's cosine
+# from 1e-4 to 1e-5 (the release's rate after its drop: the trainer has no step schedule); square
+# 448 px views (about the area of a 400 x 533 ImageNet image; the release resizes the whole image
+# to a short side in 320..480, max 600, aspect kept, no crop or flip) of crop scale (0.3, 1) [ours];
+# colour "mocov2" = the release's SimCLR table of its query patches, here drawn once per image and
+# shared by the image and its patches (see engine/methods/updetr.py). Pass SwAV's weights with
+# --method-arg backbone_checkpoint=PATH.
+_DETR_OPTIM = dict(optimizer="adamw", betas=(0.9, 0.999), weight_decay=1e-4,
+                   weight_decay_filter="none", clip_grad=0.1, warmup_epochs=0)
+PRESETS["updetr-r50"] = dict(method="updetr", **dict(_R50, img_size=448), **_DETR_OPTIM,
+                             augmentation="mocov2", crop_scale=(0.3, 1.0), batch_size=32,
+                             epochs=60, blr=1e-4, min_lr=1e-5)
+# Pair DETR has no released recipe [ours]: DETR's optimiser (AdamW 1e-4, wd 1e-4 on every tensor,
+# clip 0.1) on UP-DETR's ImageNet schedule, views and batch (8 x 32, 60 epochs, 448 px), with
+# each image's top-30 selective-search proposals as targets (python -m engine.proposals).
+PRESETS["pairdetr-r50"] = dict(method="pairdetr", **dict(_R50, img_size=448), **_DETR_OPTIM,
+                               augmentation="mocov2", crop_scale=(0.3, 1.0), batch_size=32,
+                               epochs=60, blr=1e-4, min_lr=1e-5)
+# The CPU demos: ResNet-18 (CIFAR stem) at 64 px on the embedded photos, a 2+2-layer DETR of width
+# 64, 60 steps of batch 16 at lr 2e-4 (about 2 s and 1 s a step on 2 cores); UP-DETR's patches cut
+# to 32 px (C5 4 x 4), 100 queries in 10 groups as the recipe.
+_DETR_DEMO = dict(backbone="resnet18", cifar_stem=True, img_size=64, **_DETR_OPTIM,
+                  augmentation="mocov2", crop_scale=(0.3, 1.0), blur=False, batch_size=16,
+                  epochs=0, steps=60, warmup_steps=5, blr=2e-4 * 256 / 16, workers=2, log_every=5,
+                  checkpoint_every=30)
+_DETR_DEMO_ARGS = dict(hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128)
+PRESETS["updetr-demo-cpu"] = dict(method="updetr", **_DETR_DEMO,
+                                  method_args=dict(_DETR_DEMO_ARGS, patch_size=32))
+PRESETS["pairdetr-demo-cpu"] = dict(method="pairdetr", **_DETR_DEMO,
+                                    method_args=dict(_DETR_DEMO_ARGS, pair_dim=32))
+
 DEFAULT_PRESET = "sim-demo-cpu"
 
 

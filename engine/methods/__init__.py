@@ -13,6 +13,10 @@
     scfs       SCFS (Song et al., ICCV 2023): semantics-consistent feature search
     detreg     DETReg (Bar et al., CVPR 2022): Deformable DETR finding selective-search proposals
                and predicting their frozen SwAV embeddings
+    updetr     UP-DETR (Dai et al., CVPR 2021): DETR detecting random query patches of its image,
+               with the patches' frozen-CNN features as query inputs and reconstruction targets
+    pairdetr   Pair DETR (Iranmanesh et al., 2022), label-free: centre and corner decoders whose
+               query pairs find selective-search proposals, pair-association InfoNCE
 
 Each module defines one `Method` subclass (engine/methods/base.py has the contract); the modules
 are imported on first use, so listing the methods costs nothing.
@@ -37,6 +41,8 @@ METHODS = {
     "ccop": ("engine.methods.ccop", "CCOP"),
     "scfs": ("engine.methods.scfs", "SCFS"),
     "detreg": ("engine.methods.detreg", "DETReg"),
+    "updetr": ("engine.methods.updetr", "UPDETR"),
+    "pairdetr": ("engine.methods.pairdetr", "PairDETR"),
 }
 
 
