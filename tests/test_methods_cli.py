@@ -32,7 +32,13 @@ SMALL_ARGS = {
     "ccop": ["queue_length=64", "hidden=64", "dim=16", "fpn_channels=16", "max_boxes=8"],
     "scfs": ["dim=64", "hidden=32", "bottleneck=16", "layer_dim=16", "layer_hidden=24",
              "layer_bottleneck=8"],
+    "updetr": ["hidden_dim=32", "nheads=2", "enc_layers=1", "dec_layers=2", "dim_feedforward=32",
+               "num_queries=20", "num_patches=4", "patch_size=16"],
+    "pairdetr": ["hidden_dim=32", "nheads=2", "enc_layers=1", "dec_layers=2",
+                 "dim_feedforward=32", "num_queries=30", "pair_dim=16"],
 }
+# Detector pre-training trains a DETR on a ResNet (no ViT) and keeps no EMA target.
+DETECTORS = {"updetr", "pairdetr", "detreg"}
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:
@@ -82,11 +88,14 @@ def tiny(method: str, **changes) -> PretrainConfig:
                   decoder_dim=32, decoder_heads=2, projector_depth=1, predictor_depth=1,
                   batch_size=4, steps=4, warmup_steps=1, workers=0, log_every=1,
                   checkpoint_every=1000, method_args=args, preset="test-tiny")
+    if method in DETECTORS:
+        values.update(backbone="resnet18", cifar_stem=True)
     values.update(changes)
     return PretrainConfig.from_dict(values).validate()
 
 
-@pytest.mark.parametrize("method,backbone", [(m, "vit") for m in METHODS]
+@pytest.mark.parametrize("method,backbone", [(m, "resnet18" if m in DETECTORS else "vit")
+                                             for m in METHODS]
                          + [("densecl", "resnet18"), ("pixpro", "resnet18")])
 def test_resume_is_bit_exact_for_every_method(method, backbone, tmp_path):
     """4 straight steps == 2 steps, stop, resume, 2 more: every parameter, buffer (queues,
@@ -118,7 +127,8 @@ def test_every_method_keeps_its_backbone_under_encoder(method):
     model = build_method(tiny(method))
     names = {name.split(".")[0] for name, _ in model.named_parameters()}
     assert "encoder" in names
-    has_target = method not in ("densesiam", "swav")     # SimSiam / SwAV: no momentum target
+    # SimSiam / SwAV and the detectors (frozen CNN): no momentum target
+    has_target = method not in ("densesiam", "swav", *DETECTORS)
     assert ("target_encoder" in names) == has_target
     # EMA targets are never trained by the optimiser
     for name, p in model.named_parameters():
