@@ -159,7 +159,9 @@ def test_published_presets_hold_the_papers_recipes():
     r50 = {name: preset_config(name) for name in PRESETS if name.endswith("-r50")}
     assert set(r50) == {f"{m}-r50" for m in DENSE}
     for cfg in r50.values():
-        assert cfg.backbone == "resnet50" and cfg.img_size == 224
+        # the detector recipes see whole-image-sized views (448 px, about a 400 x 533 image)
+        assert cfg.backbone == "resnet50"
+        assert cfg.img_size == (448 if cfg.method in DETECTORS else 224)
     moco, dense, pix = r50["mocov2-r50"], r50["densecl-r50"], r50["pixpro-r50"]
     for cfg in (moco, dense):  # 8 x 32, SGD lr 0.03 at 256, wd 1e-4 on all, m 0.999 constant
         assert (cfg.optimizer, cfg.blr, cfg.weight_decay, cfg.weight_decay_filter) == \
