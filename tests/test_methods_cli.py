@@ -36,6 +36,8 @@ SMALL_ARGS = {
                "num_queries=20", "num_patches=4", "patch_size=16"],
     "pairdetr": ["hidden_dim=32", "nheads=2", "enc_layers=1", "dec_layers=2",
                  "dim_feedforward=32", "num_queries=30", "pair_dim=16"],
+    "detreg": ["hidden_dim=32", "nheads=2", "enc_layers=1", "dec_layers=2",
+               "dim_feedforward=64", "num_queries=12", "crop_size=8", "max_boxes=6"],
 }
 # Detector pre-training trains a DETR on a ResNet (no ViT) and keeps no EMA target.
 DETECTORS = {"updetr", "pairdetr", "detreg"}

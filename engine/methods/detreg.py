@@ -256,7 +256,8 @@ class DETReg(Method):
 
         batch, slots = boxes.shape[:2]
         image = torch.arange(batch, device=boxes.device, dtype=boxes.dtype)
-        rois = torch.cat([image.repeat_interleave(slots)[:, None], boxes.reshape(-1, 4)], dim=1)
+        image = image[:, None].expand(batch, slots).reshape(-1, 1)
+        rois = torch.cat([image, boxes.reshape(-1, 4)], dim=1)
         crops = roi_align(view, rois, self.hyper.crop_size, spatial_scale=1.0, sampling_ratio=0,
                           aligned=True, backend=backend)
         c3 = self.embedding_encoder.forward_features(crops, (EMBEDDING_LEVEL,))[EMBEDDING_LEVEL]
