@@ -245,7 +245,7 @@ class PairDETR(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        check_detector_config(cfg, self.name)
+        self.check_config(cfg)
         h = self.hyper
         body, self.backbone_source = frozen_resnet(cfg, h.backbone_checkpoint, self.name)
         detector = PairDETRNet(body, h.num_queries, h.hidden_dim, h.nheads, h.enc_layers,

@@ -201,7 +201,7 @@ class UPDETR(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        check_detector_config(cfg, self.name)
+        self.check_config(cfg)
         h = self.hyper
         body, self.backbone_source = frozen_resnet(cfg, h.backbone_checkpoint, self.name)
         detr = DETR(body, num_classes=h.num_classes, num_queries=h.num_queries,
