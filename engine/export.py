@@ -67,15 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"--detector: the {checkpoint.get('method', 'method')} "
                                   f"checkpoint {path} holds no DETR or Deformable DETR (only "
                                   f"updetr, detreg and pairdetr train one)")
-        if args.detector is not None and Path(args.detector).expanduser() == Path(args.out).expanduser():
-            raise CheckpointError("--detector and --out name the same file")
+        target = None
+        if detector and not args.no_detector:
+            target = Path(args.detector or default_detector_path(Path(args.out))).expanduser()
+            if target == Path(args.out).expanduser():
+                raise CheckpointError("--detector and --out name the same file")
+            if target.is_dir():
+                raise CheckpointError(f"--detector {target} is a folder: give a file name, e.g. "
+                                      f"{target}/detector.pth")
         payload = None
-        if detector and not args.no_detector:       # built and checked before anything is written
+        if target is not None:              # built and checked before anything is written
             payload, detector_meta = export_detector(checkpoint)
             detector_meta["source"]["checkpoint"] = str(path)
         out, meta_path = write_export(path, args.out, args.encoder, checkpoint)
         if payload is not None:
-            target = args.detector or default_detector_path(Path(args.out).expanduser())
             detector_files = write_detector_file(target, payload, detector_meta)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
