@@ -488,6 +488,13 @@ def test_backbone_checkpoint_initialises_the_frozen_cnn(method, tmp_path):
     with pytest.raises(ConfigError, match="CIFAR stem"):
         build_method(config(method, cifar_stem=False, img_size=64,
                             args=dict(backbone_checkpoint=str(run))))
+    # a structure-only build (detector export) does not read the file
+    from engine.methods.base import skip_initial_weights
+
+    with skip_initial_weights():
+        build_method(config(method, args=dict(backbone_checkpoint=str(tmp_path / "gone.pth"))))
+    with pytest.raises(ConfigError, match="backbone_checkpoint"):
+        build_method(config(method, args=dict(backbone_checkpoint=str(tmp_path / "gone.pth"))))
 
 
 @pytest.mark.parametrize("method", ["updetr", "pairdetr"])
