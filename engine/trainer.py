@@ -39,6 +39,7 @@ from engine.eval import OnlineKnn
 from engine.fused import choose_kernels
 from engine.loaders import build_loader as choose_loader
 from engine.methods import Method, StepContext, build_method, check_method_config
+from engine.methods.base import skip_initial_weights
 from engine.monitor import MetricsLog, ProgressBar, plot_loss_curve
 from engine.optim import LARS, make_optimizer
 from engine.preemption import StopRequest
@@ -371,7 +372,11 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
 
     # The method first (it says which views the loader makes); the loader never touches the
     # global RNGs, so building it after the networks draws the same weights as before.
-    model = build_method(cfg)
+    # A resumed run restores every tensor from its checkpoint: the pre-trained weight files a
+    # method's hyperparameters name (DETReg's embedding_checkpoint, ...) are not read again, so
+    # a run resumes even after they moved.
+    with skip_initial_weights() if checkpoint is not None else contextlib.nullcontext():
+        model = build_method(cfg)
     views = model.views
     proposals = None
     if views.proposals:

@@ -308,6 +308,7 @@ def run_pretext(args) -> dict:
     from engine.eval.pretext import evaluate_pretext
     from engine.loaders import build_loader
     from engine.methods import build_method
+    from engine.methods.base import skip_initial_weights
     from engine.presets import PretrainConfig
     from engine.trainer import RunError, load_run_proposals, seed_everything
 
@@ -317,7 +318,11 @@ def run_pretext(args) -> dict:
     cfg = (PretrainConfig.from_dict(checkpoint["config"]) if checkpoint is not None
            else preset_config(args.preset))
     seed_everything(cfg.seed)          # the trainer's initialisation (the random-init floor)
-    method = build_method(cfg)
+    if checkpoint is not None and not args.random_init:
+        with skip_initial_weights():   # every tensor comes from the checkpoint
+            method = build_method(cfg)
+    else:
+        method = build_method(cfg)     # with the initial weights its hyperparameters name
     if not hasattr(method, "detections"):
         raise UsageError(f"pretext: method {cfg.method} trains no detector (updetr, detreg and "
                          f"pairdetr do); use knn, linear or correspondence")

@@ -131,7 +131,8 @@ def evaluate_pretext(method, loader, device: torch.device, max_images: int, seed
     chunks, seen = [], 0
     backends = dict(choose_kernels(device.type == "cuda", device).backend)
     try:
-        for index, batch in enumerate(loader):
+        batches = loader.epoch_batches(0) if hasattr(loader, "epoch_batches") else loader
+        for index, batch in enumerate(batches):
             ctx = StepContext(step=index, device=device, seed=seed, backends=backends)
             out = method.detections(batch, ctx)
             keep = min(max_images - seen, out["pred_boxes"].shape[0])
