@@ -151,9 +151,9 @@ def test_updetr_losses_match_the_official_formulas_in_float64():
             assert float(losses[name + suffix].detach()) == pytest.approx(float(value), rel=1e-5,
                                                                  abs=1e-6), name + suffix
         total += ref["loss_ce"] + 5 * ref["loss_bbox"] + 2 * ref["loss_giou"] + ref["loss_feature"]
-    assert float(model.criterion.total(losses)) == pytest.approx(float(total), rel=1e-5)
+    assert float(model.criterion.total(losses).detach()) == pytest.approx(float(total), rel=1e-5)
     # every feature term is 2 − 2cos ∈ [0, 4]; every patch is matched: the mean is in range
-    assert 0 <= float(losses["loss_feature"]) <= 4
+    assert 0 <= float(losses["loss_feature"].detach()) <= 4
 
 
 def test_updetr_queries_are_patch_features_with_dropout_plus_query_embed():
@@ -371,8 +371,8 @@ def test_pairdetr_joint_prediction_and_set_losses_match_float64():
         zc = F.normalize(net.pair_centre(hs_c[-1]).double(), dim=-1)
         zk = F.normalize(net.pair_corner(hs_k[-1]).double(), dim=-1)
     pair = official_pair_infonce(zc, zk, out["matched"], 0.1, sum(counts))
-    assert float(losses["loss_pair"]) == pytest.approx(float(pair), rel=1e-5)
-    assert float(model.criterion.total(losses)) == pytest.approx(float(total + pair), rel=1e-5)
+    assert float(losses["loss_pair"].detach()) == pytest.approx(float(pair), rel=1e-5)
+    assert float(model.criterion.total(losses).detach()) == pytest.approx(float(total + pair), rel=1e-5)
 
 
 # ------------------------------------------------------------------ both
