@@ -301,7 +301,7 @@ def test_pair_infonce_matches_float64_with_its_gradient():
     c, d = zc.float().requires_grad_(), zk.float().requires_grad_()
     loss, top1 = pair_infonce(c, d, matched, 0.1, num_boxes.float())
     loss.backward()
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     assert torch.allclose(c.grad.double(), a.grad, atol=1e-5)
     assert torch.allclose(d.grad.double(), b.grad, atol=1e-5)
     # top-1: a matched pair whose row and column argmax is itself
@@ -311,8 +311,11 @@ def test_pair_infonce_matches_float64_with_its_gradient():
     assert float(top1) == pytest.approx(float(hits) / float(matched.sum()))
     # nothing matched: 0, finite gradient
     none = torch.zeros_like(matched)
+    c.grad = d.grad = None
     loss, _ = pair_infonce(c, d, none, 0.1, torch.tensor(1.0))
-    assert float(loss) == 0.0
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert torch.equal(c.grad, torch.zeros_like(c)) and torch.equal(d.grad, torch.zeros_like(d))
 
 
 def test_proposal_targets_keep_visible_boxes_of_a_minimum_size_first():
