@@ -50,8 +50,9 @@ Assumptions and departures (all [ours], there being no code):
     fraction and side filters above drop what the crop left of them;
   * the detection image is view1 of the loader's two-view batch (view 2 is decoded and unused), a
     square random-resized crop without padding mask (DETR: the whole image resized and padded);
-  * the frozen CNN is initialised from `backbone_checkpoint` as UP-DETR's (a densesim run's online
-    encoder or a torchvision-named ResNet state dict); without one it stays random (a warning);
+  * the frozen CNN is initialised from `backbone_checkpoint` as UP-DETR's (a densesim checkpoint's
+    online encoder, an exported encoder or a torchvision-named ResNet state dict); without one it
+    stays random (a warning at the start);
   * no query dropout, no attention mask between the decoders: they meet only through the shared
     memory, the joint class score, the box and the pair loss;
   * the auxiliary layers get the set losses, not the pair loss;

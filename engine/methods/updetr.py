@@ -54,10 +54,12 @@ Departures from the official code and assumptions (each on purpose):
     which the checkpoint restores;
   * gt_p is computed under no_grad (the release does not detach it, but no gradient can reach the
     frozen CNN: the same gradients);
-  * the backbone's initial weights come from `backbone_checkpoint` (a densesim run's online
-    encoder, e.g. SwAV's, or a torchvision-named ResNet state dict; the release loads SwAV's
-    800-epoch ResNet-50). Without one the frozen CNN stays random, which only makes sense for smoke
-    tests: the run says so in a warning at the start;
+  * the backbone's initial weights come from `backbone_checkpoint` (a densesim checkpoint or run
+    folder -- its online encoder, e.g. a SwAV run's --, an exported encoder, or a torchvision-named
+    ResNet state dict such as SwAV's release, which UP-DETR loads: the 800-epoch ResNet-50), read
+    when the method is built (not inside engine.methods.base.skip_initial_weights(), where every
+    tensor comes from a checkpoint). Without one the frozen CNN stays random, which only makes
+    sense for smoke tests: the run says so in a warning at the start;
   * ResNet-18 and the CIFAR stem are accepted (C5 has 512 channels; stride 8), for CPU runs;
   * the release's evaluation path with fewer patches than num_patches is not offered:
     detections() runs all Q queries on P patches, without query dropout;
