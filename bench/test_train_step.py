@@ -292,7 +292,7 @@ def test_stage_hook_changes_nothing():
 
 
 DENSE_METHODS = ("mocov2", "densecl", "pixpro", "densesiam", "lcloss", "swav", "regioncl", "detco",
-                 "ccop", "scfs")
+                 "ccop", "scfs", "updetr", "detreg", "pairdetr")
 CPU_METHOD_BATCH = 16
 
 
