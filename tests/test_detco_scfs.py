@@ -373,7 +373,7 @@ def scfs_multicrop_reference(ref, crops, teacher_temp, levels=("c3", "c4", "c5")
     location, times that map; DINOLoss over (2 + n) student chunks against 2 teacher chunks
     (v != iq); DINOShallowLoss: centred global pairs 0.5 (t0 s1 + t1 s0) and the uncentred local
     term mean_i H(t_i, s_i); loss = final + sum_l (global_l + local_l) * 0.5."""
-    n, b = len(crops) - 2, crops[0].shape[0]
+    n = len(crops) - 2
     g, loc = torch.cat(crops[:2]).double(), torch.cat(crops[2:]).double()
 
     def final(head, features):
