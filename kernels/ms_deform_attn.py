@@ -291,11 +291,14 @@ def _validate(op_name, value, spatial_shapes, level_start_index, sampling_locati
 
 def _level_tensors(spatial_shapes, level_start_index, device):
     """Both level arguments as device tensors (a Python list becomes an int64 tensor: a small
-    host-to-device copy, not a sync)."""
+    non_blocking host-to-device copy of a fresh CPU tensor, not a sync -- torch.tensor(list,
+    device="cuda") would copy synchronously and wait for the stream)."""
     if not isinstance(spatial_shapes, torch.Tensor):
-        spatial_shapes = torch.tensor(spatial_shapes, dtype=torch.int64, device=device)
+        spatial_shapes = torch.tensor(spatial_shapes, dtype=torch.int64).to(device,
+                                                                            non_blocking=True)
     if not isinstance(level_start_index, torch.Tensor):
-        level_start_index = torch.tensor(level_start_index, dtype=torch.int64, device=device)
+        level_start_index = torch.tensor(level_start_index, dtype=torch.int64).to(
+            device, non_blocking=True)
     return spatial_shapes, level_start_index
 
 
