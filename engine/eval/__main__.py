@@ -363,7 +363,9 @@ def run_pretext(args) -> dict:
                       "image's selective-search proposals) on one augmented view of each "
                       "held-out image (the training loader's views, fixed seed): AP50 / AP75 "
                       "(greedy matching by score, all-point interpolation), AR@k at IoU 0.5 "
-                      "over the top-k predictions per image, mean best IoU per target",
+                      "over the top-k predictions per image, mean best IoU per target; "
+                      "heldout_loss: the method's training loss and terms on the same batches "
+                      "(eval mode, no gradient), averaged over batches",
         "elapsed_s": {"total": time.perf_counter() - started},
         "device": str(device), "torch": torch.__version__,
     }
@@ -387,7 +389,9 @@ def format_table(report: dict) -> str:
         r = report["results"]
         recalls = "  ".join(f"{k} {100 * v:.1f}" for k, v in r.items() if k.startswith("AR@"))
         return (f"AP50 {100 * r['AP50']:.2f}  AP75 {100 * r['AP75']:.2f}  {recalls}  "
-                f"mean best IoU {r['mean_best_iou']:.3f}\n{r['images']} images, {r['targets']} "
+                f"mean best IoU {r['mean_best_iou']:.3f}  held-out loss "
+                f"{r['heldout_loss'].get('loss', float('nan')):.3f}\n"
+                f"{r['images']} images, {r['targets']} "
                 f"targets, {r['predictions_per_image']} predictions per image, "
                 f"{report['device']}, {report['elapsed_s']['total']:.1f} s"
                 + (" (random init)" if report["random_init"] else "")

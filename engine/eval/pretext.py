@@ -16,7 +16,9 @@ Metrics (class-agnostic, every image of the subset pooled):
                  area under precision(recall) (VOC 2010+);
     AR@k         recall at IoU 0.5 of the top-k predictions of each image by score (k = 1, 10,
                  100 or Q), the fraction of targets covered by any of them;
-    mean best IoU  per target, the highest IoU of any prediction, averaged.
+    mean best IoU  per target, the highest IoU of any prediction, averaged;
+    held-out loss  the method's own training loss (and its logged terms) on the same batches,
+                 computed in eval mode without gradient: the pretext objective on unseen images.
 A random-init detector gives the floor (scores and boxes from an untrained network); the check
 is the same numbers after training (bench/results/cpu-detector-pretext/).
 """
@@ -41,12 +43,14 @@ class PretextScores:
     images: int
     targets: int
     predictions_per_image: int
+    heldout_loss: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"AP50": self.ap50, "AP75": self.ap75,
                 **{f"AR@{k}": v for k, v in self.recall.items()},
                 "mean_best_iou": self.mean_best_iou, "images": self.images,
-                "targets": self.targets, "predictions_per_image": self.predictions_per_image}
+                "targets": self.targets, "predictions_per_image": self.predictions_per_image,
+                "heldout_loss": self.heldout_loss}
 
 
 def average_precision(scores: list[torch.Tensor], ious: list[torch.Tensor], threshold: float,
@@ -128,13 +132,17 @@ def evaluate_pretext(method, loader, device: torch.device, max_images: int, seed
                          f"to updetr, detreg and pairdetr")
     was_training = method.training
     method.eval()
-    chunks, seen = [], 0
+    chunks, seen, losses = [], 0, {}
     backends = dict(choose_kernels(device.type == "cuda", device).backend)
     try:
         batches = loader.epoch_batches(0) if hasattr(loader, "epoch_batches") else loader
         for index, batch in enumerate(batches):
             ctx = StepContext(step=index, device=device, seed=seed, backends=backends)
             out = method.detections(batch, ctx)
+            loss, figures = method(batch, ctx)          # the pretext loss on this batch
+            for name, value in {"loss": loss, **figures}.items():
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    losses.setdefault(name, []).append(float(value))
             keep = min(max_images - seen, out["pred_boxes"].shape[0])
             chunks.append({k: v[:keep] for k, v in out.items()})
             seen += keep
@@ -147,7 +155,9 @@ def evaluate_pretext(method, loader, device: torch.device, max_images: int, seed
         method.train(was_training)
     if progress:
         print(file=__import__("sys").stderr)
-    return score_detections(chunks)
+    scores = score_detections(chunks)
+    scores.heldout_loss = {name: sum(v) / len(v) for name, v in losses.items()}
+    return scores
 
 
 def describe(scores: PretextScores) -> dict:
