@@ -457,6 +457,11 @@ def pretrain(cfg: PretrainConfig, run: RunOptions) -> dict:
         if redone:
             log(f"metrics: dropped {redone} records after step {start_step} (the steps a crash "
                 f"lost since that checkpoint are run again)", quiet)
+    elif group.is_main:   # a fresh start in a folder where a run died before its first checkpoint
+        stale = metrics.truncate_after(0)
+        if stale:
+            log(f"metrics: dropped {stale} records of an earlier run in {out} that left no "
+                f"checkpoint", quiet)
     progress = None if quiet else ProgressBar(total_steps)
     stream = loader.stream(position["epoch"], position["batch"])
     skipped: set[str] = set()

@@ -38,6 +38,18 @@ def test_loss_falls_over_30_steps_on_cifar(cifar_train_subset, tmp_path):
     assert (result["out"] / "loss_curve.png").stat().st_size > 1000
 
 
+def test_a_fresh_run_drops_the_records_of_a_run_that_left_no_checkpoint(tmp_path):
+    """A run killed before its first checkpoint left metrics.jsonl behind; starting again in the
+    same folder (no checkpoint: a fresh start) must not keep those records beside its own."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 20, "loss": 99.0}) + "\n")
+    pretrain(tiny_run_config(steps=2, batch_size=8),
+             RunOptions(out=out, device="cpu", fused=False, quiet=True))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and 99.0 not in [r["loss"] for r in records]
+
+
 def test_resume_gives_identical_parameters(tmp_path):
     cfg = dict(steps=20, batch_size=16, checkpoint_every=5)
     straight = pretrain(tiny_run_config(**cfg), RunOptions(out=tmp_path / "straight",
