@@ -13,10 +13,10 @@ ROWS = [("sim", "SIM (ViT 128d×6, patch 4)", "random-vit"),
         ("mocov2", "MoCo v2", "random-resnet18"), ("densecl", "DenseCL", "random-resnet18"),
         ("pixpro", "PixPro", "random-resnet18"), ("densesiam", "DenseSiam", "random-resnet18"),
         ("lcloss", "LC-loss", "random-resnet18"),
-        # issue 12 (same protocol and budget; trained at commit 8341b8a)
+        # issue 12 (same protocol and budget; trained at 8341b8a, SCFS at 7d71fc8, CCOP at d6430ff)
         ("swav", "SwAV (2×32 + 6×16 crops)", "random-resnet18"),
         ("regioncl", "RegionCL-M", "random-resnet18"), ("detco", "DetCo", "random-resnet18"),
-        ("scfs", "SCFS", "random-resnet18"), ("ccop", "CCOP (FPN, boxes at 32 px)", "random-resnet18")]
+        ("scfs", "SCFS (2×32 + 8×16 crops)", "random-resnet18"), ("ccop", "CCOP (FPN, boxes at 32 px)", "random-resnet18")]
 EXTRA = [("densecl-warmup", "DenseCL, λ warm-up (first half λ = 0)", "random-resnet18"),
          ("densesiam-2x", "DenseSiam, twice the budget", "random-resnet18"),
          ("densesiam-global-only", "DenseSiam, global term only (SimSiam)", "random-resnet18")]
