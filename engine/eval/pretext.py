@@ -25,6 +25,7 @@ is the same numbers after training (bench/results/cpu-detector-pretext/).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -148,20 +149,16 @@ def evaluate_pretext(method, loader, device: torch.device, max_images: int, seed
             seen += keep
             if progress:
                 print(f"\rpretext: {seen}/{max_images} images", end="", flush=True,
-                      file=__import__("sys").stderr)
+                      file=sys.stderr)
             if seen >= max_images:
                 break
     finally:
         method.train(was_training)
     if progress:
-        print(file=__import__("sys").stderr)
+        print(file=sys.stderr)
     scores = score_detections(chunks)
     scores.heldout_loss = {name: sum(v) / len(v) for name, v in losses.items()}
     return scores
-
-
-def describe(scores: PretextScores) -> dict:
-    return dataclasses.asdict(scores)
 
 
 __all__ = ["PretextScores", "average_precision", "evaluate_pretext", "score_detections"]
